@@ -14,6 +14,7 @@ dimension is left whole.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping, Sequence
 
@@ -152,3 +153,10 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+@contextlib.contextmanager
+def use(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
+  """Makes `mesh` and `rules` current, so activation constraints apply while tracing."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield mesh

@@ -44,7 +44,12 @@ def infer_config(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_wi
   if absent or not ('visual.proj' in sd or 'visual.attnpool.c_proj.weight' in sd):
     raise m.StateDictError(f'not an OpenAI/open_clip CLIP state dict: missing {absent or "the visual tower"} '
                            f'(first keys: {sorted(sd)[:5]})')
-  shape = lambda k: tuple(np.shape(sd[k]))
+
+  def shape(key):
+    if key not in sd:
+      raise m.StateDictError(f'cannot infer the architecture: state dict has no {key!r}')
+    return tuple(np.shape(sd[key]))
+
   embed_dim = shape('text_projection')[1]
   text_width = shape('ln_final.weight')[0]
   text = zoo.text_tower(width=text_width, layers=_count(sd, r'^transformer\.resblocks\.(\d+)\.'),
@@ -61,7 +66,7 @@ def infer_config(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_wi
   else:
     layers = tuple(_count(sd, rf'^visual\.layer{i}\.(\d+)\.') for i in range(1, 5))
     grid = round((shape('visual.attnpool.positional_embedding')[0] - 1) ** 0.5)
-    width = shape('visual.layer1.0.conv1.weight')[0]
+    width = shape('visual.conv3.weight')[0]  # the stem's last conv outputs `width` channels
     vision = zoo.resnet_vision(image_size=grid * 32, layers=layers, width=width, heads=width * 32 // head_width)
   if 'logit_bias' in sd and init_logit_bias is None:
     init_logit_bias = float(m.to_numpy(sd['logit_bias']))

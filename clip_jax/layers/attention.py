@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from clip_jax.layers.initializers import normal
+from clip_jax.layers.dense import DenseGeneral
 
 
 class MultiHeadAttention(nn.Module):
@@ -34,20 +34,15 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'attention width {width} is not divisible by heads={self.num_heads}')
     head_dim = width // self.num_heads
     std = width ** -0.5
-    qkv = nn.DenseGeneral(
-        features=(3, self.num_heads, head_dim), axis=-1, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(normal(self.qkv_std or std), ('embed', 'qkv', 'heads', 'kv')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('qkv', 'heads', 'kv')),
-        name='qkv')(x)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv = DenseGeneral((3, self.num_heads, head_dim), 1, ('embed', 'qkv', 'heads', 'kv'), ('qkv', 'heads', 'kv'),
+                       self.qkv_std or std, name='qkv', **kw)(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if num_queries is not None:
       q = q[:, :num_queries]
     constrain = lambda t: nn.with_logical_constraint(t, ('act_batch', 'act_length', 'act_heads', 'act_kv'))
     out = jax.nn.dot_product_attention(constrain(q), constrain(k), constrain(v), is_causal=causal,
                                        implementation=self.implementation)
-    out = nn.DenseGeneral(
-        features=self.out_features or width, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=nn.with_logical_partitioning(normal(self.out_std or std), ('heads', 'kv', 'embed')),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-        name='out')(out)
+    out = DenseGeneral((self.out_features or width,), 2, ('heads', 'kv', 'embed'), ('embed',),
+                       self.out_std or std, name='out', **kw)(out)
     return nn.with_logical_constraint(out, ('act_batch', 'act_length', 'act_embed'))

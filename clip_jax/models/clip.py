@@ -57,12 +57,13 @@ class CLIP(nn.Module):
     if tokens.shape[1] > self.text.context_length:
       raise ValueError(f'tokens have length {tokens.shape[1]} > context_length {self.text.context_length}; '
                        'tokenize with context_length=' + str(self.text.context_length))
-    if _is_concrete(tokens):
-      bad = np.asarray((tokens < 0) | (tokens >= self.text.vocab_size))
+    if _is_concrete(tokens):  # numpy, not jnp: inside a trace jnp ops on constants become tracers
+      ids = np.asarray(tokens)
+      bad = (ids < 0) | (ids >= self.text.vocab_size)
       if bad.any():
         rows = sorted(set(np.nonzero(bad)[0].tolist()))[:8]
         raise ValueError(f'token ids outside the vocabulary [0, {self.text.vocab_size}) in rows {rows}: '
-                         f'e.g. {np.asarray(tokens)[bad][:4].tolist()}')
+                         f'e.g. {ids[bad][:4].tolist()}')
 
   def encode_image(self, images, *, train: bool = False, normalize: bool = False):
     self._check_images(images)
