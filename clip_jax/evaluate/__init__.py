@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot classification, retrieval, dense and detection metrics."""
