@@ -10,7 +10,7 @@ import torch
 
 from clip_jax import models, sharding
 from clip_jax.convert import StateDictError, from_open_clip
-from clip_jax.convert.open_clip import abstract_variables, infer_config
+from clip_jax.convert.open_clip import infer_config
 from conftest import load_config
 from parity_helpers import perturb_
 
@@ -25,7 +25,7 @@ def test_zoo_variant_matches_open_clip_architecture(name):
   reference = open_clip.create_model(ZOO_TO_OPEN_CLIP[name], device='meta')  # shapes only, no memory
   config = load_config('clip', name).model
   assert infer_config(reference.state_dict()).to_dict() == config.to_dict()
-  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_variables(config)['params']))
+  ours = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(models.abstract_variables(config)['params']))
   assert ours == sum(p.numel() for p in reference.parameters())
 
 

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from clip_jax.convert import mapping as m
-from clip_jax.convert.open_clip import abstract_variables
+from clip_jax import models
 from clip_jax.models import zoo
 
 _IGNORED = re.compile(r'position_ids$')
@@ -99,7 +99,7 @@ def hf_config(config: ml_collections.ConfigDict) -> dict:
 def from_hf_clip(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]):
   """(model_config, variables) from a transformers CLIPModel state dict and its config dict."""
   config = config_from_hf(hf_config)
-  variables = m.from_state_dict(dict(state_dict), rules(config), abstract_variables(config),
+  variables = m.from_state_dict(dict(state_dict), rules(config), models.abstract_variables(config),
                                 ignore=_IGNORED.search, what='Hugging Face CLIPModel state dict')
   return config, variables
 

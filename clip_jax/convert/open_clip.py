@@ -9,8 +9,6 @@ open_clip models GELU) and the head width (64 in every released model).
 import re
 from typing import Any, Mapping, Optional
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -131,16 +129,6 @@ def rules(config: ml_collections.ConfigDict) -> list:
   return out
 
 
-def abstract_variables(config: ml_collections.ConfigDict):
-  """Shapes and dtypes of the model's variables, without allocating them."""
-  model = models.build(config)
-  s = config.vision.image_size
-  images = jax.ShapeDtypeStruct((1, s, s, 3), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((1, config.text.context_length), jnp.int32)
-  import flax.linen as nn  # local: only for unboxing the logical-axis metadata
-  return nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens))
-
-
 def from_open_clip(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_width: int = 64):
   """(model_config, variables) from an OpenAI or open_clip CLIP state dict.
 
@@ -149,7 +137,7 @@ def from_open_clip(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_
   """
   sd = _strip_prefixes(state_dict)
   config = infer_config(sd, act=act, head_width=head_width)
-  variables = m.from_state_dict(sd, rules(config), abstract_variables(config), ignore=_IGNORED.search,
+  variables = m.from_state_dict(sd, rules(config), models.abstract_variables(config), ignore=_IGNORED.search,
                                 what='open_clip state dict')
   return config, variables
 

@@ -104,18 +104,36 @@ def upscale(scan: np.ndarray, size: int) -> np.ndarray:
   return a @ scan @ a.T
 
 
-def caption_for(objects: Sequence[Tuple[str, int]]) -> str:
+# Words that take "an": a vowel sound, not a vowel letter ("a one").
+_AN_WORDS = ('orange', 'eight')
+
+
+def object_phrase(color: Optional[str], digit: int, include_colors: bool = True) -> str:
+  """One object of a caption: ``a red seven``, ``an orange two``; without its
+  colour ``a seven``, ``an eight``, ``a one``."""
+  first = color if include_colors else DIGIT_NAMES[digit]
+  words = f'{color} {DIGIT_NAMES[digit]}' if include_colors else DIGIT_NAMES[digit]
+  return f"{'an' if first in _AN_WORDS else 'a'} {words}"
+
+
+def caption_for(objects: Sequence[Tuple[Optional[str], int]], include_colors: bool = True) -> str:
   """The caption naming (colour name, digit) pairs in the order given.
 
   Grammar: ``a photo of OBJ.``, ``a photo of OBJ and OBJ.``,
   ``a photo of OBJ, OBJ and OBJ.`` (commas between all but the last pair, no
   Oxford comma), where ``OBJ = ARTICLE COLOUR DIGITWORD`` and ARTICLE is
-  ``an`` before a vowel (only "an orange") and ``a`` otherwise:
+  ``an`` before a vowel sound (only "an orange") and ``a`` otherwise:
   ``a photo of a red seven, an orange two and a white one.``
+
+  ``include_colors=False`` leaves the colours out (``OBJ = ARTICLE
+  DIGITWORD``; "an eight", "a one"): ``a photo of a seven and a two.`` Input
+  pipelines use it to drop colours from some training captions, so the text
+  tower also learns digit names alone; ``parse_caption`` reads only the full
+  form.
   """
   if not objects:
     raise ValueError('a caption needs at least one object')
-  words = [f"{'an' if c[0] in 'aeiou' else 'a'} {c} {DIGIT_NAMES[d]}" for c, d in objects]
+  words = [object_phrase(c, d, include_colors) for c, d in objects]
   body = words[0] if len(words) == 1 else ', '.join(words[:-1]) + ' and ' + words[-1]
   return f'a photo of {body}.'
 

@@ -1,5 +1,7 @@
 """Model construction: `build(model_config)` returns the Flax module."""
 
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -39,4 +41,17 @@ def build(model_config: ml_collections.ConfigDict):
   return _BUILDERS[name](model_config)
 
 
-__all__ = ['build', 'zoo', 'CLIP', 'VisionTransformer', 'ModifiedResNet', 'TextTransformer']
+def example_inputs(model_config: ml_collections.ConfigDict, batch: int = 1) -> tuple:
+  """Abstract (images, tokens) of the shapes the model takes: for init and shape inference."""
+  s = model_config.vision.image_size
+  return (jax.ShapeDtypeStruct((batch, s, s, 3), jnp.float32),
+          jax.ShapeDtypeStruct((batch, model_config.text.context_length), jnp.int32))
+
+
+def abstract_variables(model_config: ml_collections.ConfigDict) -> dict:
+  """Shapes and dtypes of the model's variables, without allocating them."""
+  model = build(model_config)
+  return nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), *example_inputs(model_config)))
+
+
+__all__ = ['build', 'abstract_variables', 'example_inputs', 'zoo', 'CLIP', 'VisionTransformer', 'ModifiedResNet', 'TextTransformer']

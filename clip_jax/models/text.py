@@ -40,6 +40,9 @@ class TextTransformer(nn.Module):
                                 self.param_dtype, ('vocab', 'embed'))
     pos = param_with_axes(self, 'positional_embedding', normal(0.01), (self.context_length, self.width),
                           self.param_dtype, ('pos', 'embed'))
+    # Gather from a table whole along `embed` (FSDP all-gathers weights before use), so the
+    # looked-up rows come out sharded like the batch rather than like the table.
+    embedding = nn.with_logical_constraint(embedding, ('vocab', None))
     # Out-of-vocabulary ids become NaN rather than silently clamped rows, so
     # a bad batch inside jit is caught by the trainer's non-finite check.
     x = jnp.take(embedding, tokens, axis=0, mode='fill', fill_value=jnp.nan).astype(self.dtype)

@@ -1,0 +1,1 @@
+"""Losses, written on globally sharded arrays (GSPMD places the collectives)."""
