@@ -106,7 +106,7 @@ def test_assets():
   assert names[0] == 'tench' and names[999] == 'toilet paper'
   assert templates[0] == 'a bad photo of a {}.'
   assert all(t.count('{}') == 1 for t in templates)
-  zeroshot._check_templates(templates)  # pylint: disable=protected-access
+  zeroshot.check_templates(templates)
   metadata = pytest.importorskip('open_clip.zero_shot_metadata')
   assert names == list(metadata.IMAGENET_CLASSNAMES)
   assert templates == [t('{}') for t in metadata.OPENAI_IMAGENET_TEMPLATES]

@@ -49,7 +49,7 @@ def load_templates(name: str = 'openai') -> list:
   return json.loads(path.read_text('utf-8'))
 
 
-def _check_templates(templates: Sequence[str]) -> None:
+def check_templates(templates: Sequence[str]) -> None:
   if isinstance(templates, str) or not templates:
     raise ValueError('templates must be a non-empty sequence of format strings such as "a photo of a {}."')
   for i, template in enumerate(templates):
@@ -90,7 +90,7 @@ def build_classifier(encode_text: Callable, classnames: Sequence[str], templates
   """
   if isinstance(classnames, str) or not classnames:
     raise ValueError('classnames must be a non-empty sequence of strings')
-  _check_templates(templates)
+  check_templates(templates)
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   num_classes, num_templates = len(classnames), len(templates)

@@ -1,0 +1,152 @@
+"""orbax checkpoints: the whole run in one atomic, async, keep-N checkpoint.
+
+A checkpoint (one step directory under WORKDIR/checkpoints) holds four items:
+
+  variables  params + mutable model collections (BatchNorm statistics)
+  train      step, optimizer state, RNG, consecutive-bad-step counter
+  data       each process's input-iterator position (one file per process)
+  config     the run's full config as JSON
+
+Splitting `variables` from `train` lets `load()` read a model for evaluation
+or export without the optimizer state. orbax writes into a temporary
+directory and renames it on commit, so a run killed mid-save leaves the
+previous checkpoint as the latest.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+# ---- per-process input-iterator state -------------------------------------
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Each process writes (and later reads) its own iterator state file."""
+
+  @staticmethod
+  def _path(directory) -> epath.Path:
+    return epath.Path(directory) / f'process_{jax.process_index()}-of-{jax.process_count()}.bin'
+
+  def save(self, directory, args: 'DataStateSave'):
+    self._path(directory).write_bytes(args.state)
+
+  def restore(self, directory, args: Optional['DataStateRestore'] = None) -> bytes:
+    path = self._path(directory)
+    if not path.exists():
+      raise FileNotFoundError(
+          f'{path} is missing: this checkpoint was written by a run with a different process count '
+          f'({sorted(p.name for p in epath.Path(directory).iterdir())}); resume with the same number of processes')
+    return path.read_bytes()
+
+  def metadata(self, directory):
+    return None
+
+  def structure(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataStateSave(ocp.args.CheckpointArgs):
+  state: bytes
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataStateRestore(ocp.args.CheckpointArgs):
+  pass
+
+
+# ---- the manager -------------------------------------------------------------
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+
+
+def manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
+            read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
+                                         create=not read_only, read_only=read_only)
+  return ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=options, item_names=('variables', 'train', 'data', 'config'),
+      item_handlers={'data': DataStateHandler()})
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: bytes,
+         config: ml_collections.ConfigDict, force: bool = False) -> bool:
+  """Starts an (async) save of the whole run at `step`."""
+  variables = {'params': state.params, **state.model_state}
+  train = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng, 'bad_steps': state.bad_steps}
+  return mngr.save(step, force=force, args=ocp.args.Composite(
+      variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
+      data=DataStateSave(data_state), config=ocp.args.JsonSave(_config_json(config))))
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
+  """(state, data iterator state) restored onto the shardings of `abstract_state`'s leaves."""
+  abstract_vars = {'params': abstract_state.params, **abstract_state.model_state}
+  abstract_train = {'step': abstract_state.step, 'opt_state': abstract_state.opt_state,
+                    'rng': abstract_state.rng, 'bad_steps': abstract_state.bad_steps}
+  out = mngr.restore(step, args=ocp.args.Composite(
+      variables=ocp.args.StandardRestore(abstract_vars), train=ocp.args.StandardRestore(abstract_train),
+      data=DataStateRestore()))
+  variables, train = out['variables'], out['train']
+  state = abstract_state.replace(
+      params=variables['params'], model_state={k: v for k, v in variables.items() if k != 'params'},
+      step=train['step'], opt_state=train['opt_state'], rng=train['rng'], bad_steps=train['bad_steps'])
+  return state, out['data']
+
+
+def read_config(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, int]:
+  mngr = manager(workdir, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoint_dir(workdir)}: train first, or pass the run\'s workdir')
+  if step not in mngr.all_steps():
+    raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
+                            f'available: {sorted(mngr.all_steps())}')
+  raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
+  return _config_from_json(raw), step
+
+
+def _config_from_json(raw: Any) -> ml_collections.ConfigDict:
+  """JSON turned tuples into lists; ConfigDict fields that were tuples (resnet layers) go back."""
+  def fix(node):
+    if isinstance(node, dict):
+      return {k: fix(v) for k, v in node.items()}
+    if isinstance(node, list):
+      return tuple(fix(v) for v in node)
+    return node
+  return ml_collections.ConfigDict(fix(raw))
+
+
+def load(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config, variables) of a run's checkpoint (latest by default), as host numpy arrays.
+
+  Needs neither the optimizer state nor the mesh the run trained on.
+  """
+  from clip_jax import models  # pylint: disable=g-import-not-at-top
+  config, step = read_config(workdir, step)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        models.abstract_variables(config.model))
+  mngr = manager(workdir, read_only=True)
+  variables = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))['variables']
+  return config, jax.tree.map(np.asarray, variables)

@@ -1,0 +1,59 @@
+"""python -m clip_jax.evaluate zeroshot --workdir RUN --images DIR [--templates "a photo of a {}." ...]
+
+Zero-shot classification of an image folder (DIR/<class name>/*.png) with a
+trained run's latest (or --step) checkpoint; prints top-1 and top-5.
+"""
+
+import argparse
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clip_jax import checkpoint, models
+from clip_jax.evaluate import folder, zeroshot
+
+
+def _zeroshot(args) -> dict:
+  templates = args.templates or zeroshot.load_templates('openai')
+  zeroshot.check_templates(templates)  # cheap checks before the checkpoint and images load
+  config, variables = checkpoint.load(args.workdir, args.step)
+  model = models.build(config.model)
+  images, labels, classes = folder.load(args.images, config.model.vision.image_size)
+  classifier = zeroshot.build_classifier(zeroshot.text_encoder(model, variables), classes, templates,
+                                         context_length=config.model.text.context_length)
+  encode = jax.jit(lambda v, x: model.apply(v, x, normalize=True, method='encode_image'))
+  feats = np.concatenate([np.asarray(encode(variables, jnp.asarray(images[i:i + args.batch_size])))
+                          for i in range(0, len(images), args.batch_size)])
+  k = min(5, len(classes))
+  topk, _ = zeroshot.predict(feats, classifier, k=k)
+  acc = zeroshot.accuracy(topk, labels, ks=sorted({1, k}))
+  print(f'{len(images)} images, {len(classes)} classes, {len(templates)} template(s)')
+  for name, value in acc.items():
+    print(f'{name}: {value:.4f}')
+  return acc
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog='python -m clip_jax.evaluate', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  commands = parser.add_subparsers(dest='command', required=True)
+  zs = commands.add_parser('zeroshot', help='zero-shot top-1/top-5 on an image folder')
+  zs.add_argument('--workdir', required=True, help='the training run directory')
+  zs.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
+  zs.add_argument('--images', required=True, help='DIR/<class name>/*.png')
+  zs.add_argument('--templates', nargs='+', default=None,
+                  help='prompt templates with one {} (default: the 80 OpenAI ImageNet templates)')
+  zs.add_argument('--batch_size', type=int, default=128)
+  args = parser.parse_args(argv)
+  try:
+    _zeroshot(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

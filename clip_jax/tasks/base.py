@@ -1,0 +1,58 @@
+"""The Task interface: one objective family, pluggable into the one trainer.
+
+A run's objective is a model *forward* (how a batch is fed to the model,
+giving a dict of outputs) plus one or more weighted *tasks*, each turning
+those outputs and the batch into a scalar loss and metrics. All of it runs in
+the same jitted step; combining objectives (ViLD = supervised + distillation)
+is listing several tasks over one forward, so the model runs once.
+"""
+
+import abc
+import dataclasses
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+# forward(model, variables, batch, *, train, rngs) -> (outputs, updated mutable collections)
+Forward = Callable[..., tuple[dict, dict]]
+
+
+class Task(abc.ABC):
+  """One objective. Subclasses are frozen dataclasses configured from `config.tasks.<name>`."""
+
+  name: str = 'task'
+
+  @abc.abstractmethod
+  def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """(scalar loss, metrics) for the global batch."""
+
+  def evaluate(self, model, variables, config) -> dict[str, float]:
+    """Held-out metrics, run on the host between training steps (optional)."""
+    del model, variables, config
+    return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  forward: Forward
+  tasks: Sequence[tuple[float, Task]]
+
+  def __call__(self, model, variables, batch, *, train: bool, rngs: dict):
+    """(total loss, metrics, updated mutable collections); metrics are prefixed by task name."""
+    outputs, updates = self.forward(model, variables, batch, train=train, rngs=rngs)
+    total = jnp.zeros((), jnp.float32)
+    metrics: dict[str, Any] = {}
+    for weight, task in self.tasks:
+      loss, task_metrics = task.loss(outputs, batch)
+      total = total + weight * loss
+      metrics[f'{task.name}/loss'] = loss
+      metrics.update({f'{task.name}/{k}': v for k, v in task_metrics.items()})
+    metrics.update({k: v for k, v in outputs.items() if k in ('logit_scale', 'logit_bias')})
+    return total, metrics, updates
+
+  def evaluate(self, model, variables, config) -> dict[str, float]:
+    results = {}
+    for _, task in self.tasks:
+      results.update({f'{task.name}/{k}': v for k, v in task.evaluate(model, variables, config).items()})
+    return results

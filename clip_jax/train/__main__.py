@@ -1,0 +1,37 @@
+"""python -m clip_jax.train --config configs/X.py[:arg] --workdir DIR [--config.key=value ...]
+
+Trains, or resumes the run already in DIR. Logic lives in clip_jax.train.trainer.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+flags.DEFINE_string('workdir', None, 'Run directory: checkpoints, metrics.jsonl, TensorBoard events.', required=True)
+flags.DEFINE_bool('progress', True, 'Show a progress bar on process 0.')
+config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:arg]).', lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Our own messages at INFO; orbax/absl chatter only from WARNING up.
+  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
+  logging.getLogger('absl').setLevel(logging.WARNING)
+  logging.getLogger('clip_jax').setLevel(logging.INFO)
+  from clip_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  try:
+    results = trainer.train(FLAGS.config, FLAGS.workdir, progress=FLAGS.progress)
+  except (ValueError, trainer.TrainingError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  summary = {k: v for k, v in results.items() if k.startswith('contrastive/') or k in ('step', 'loss')}
+  print('final: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
+                              for k, v in sorted(summary.items())), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,93 @@
+"""Run logs: metrics.jsonl, TensorBoard event files, the start-up summary."""
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors it to TensorBoard.
+
+  Only process 0 writes. The JSON log is appended (not truncated), so a
+  resumed run continues the same file.
+  """
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      except ImportError:  # optional: the JSON log is the record of the run
+        self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    row = {'step': int(step)}
+    for key, value in metrics.items():
+      value = np.asarray(value)
+      row[key] = value.item() if value.size == 1 else value.tolist()
+    self._file.write(json.dumps(row, allow_nan=True) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      for key, value in row.items():
+        if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
+          self._tb.add_scalar(key, value, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._file.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def _per_device_bytes(tree, shardings) -> int:
+  """Bytes one device holds of `tree` laid out with `shardings`."""
+  total = 0
+  for leaf, sharding in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
+    shard = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def startup_summary(mesh, abstract_state, state_shardings) -> str:
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_state.params))
+  pbytes = _per_device_bytes(abstract_state.params, state_shardings.params)
+  obytes = _per_device_bytes(abstract_state.opt_state, state_shardings.opt_state)
+  devices = jax.devices()
+  lines = [
+      f'devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) over '
+      f'{jax.process_count()} process(es)',
+      f'mesh: ' + ', '.join(f'{k}={v}' for k, v in mesh.shape.items()),
+      f'parameters: {params:,}',
+      f'per-device bytes: parameters {pbytes / 2**20:.2f} MiB, optimizer state {obytes / 2**20:.2f} MiB',
+  ]
+  return '\n'.join(lines)
+
+
+class Throughput:
+  """Examples per second between two log points (wall clock, includes input time)."""
+
+  def __init__(self):
+    self._t, self._n = time.perf_counter(), 0
+
+  def add(self, examples: int):
+    self._n += examples
+
+  def rate(self) -> float:
+    now = time.perf_counter()
+    rate = self._n / max(now - self._t, 1e-9)
+    self._t, self._n = now, 0
+    return rate

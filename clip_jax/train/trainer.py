@@ -1,0 +1,253 @@
+"""THE training loop: every objective of the library trains through `train()`.
+
+The step is a pure function `step(state, batch) -> (state, metrics)`, jitted
+once with explicit in/out shardings and the state donated. The state is born
+sharded: its shapes come from `jax.eval_shape`, its shardings from the
+logical axis names in clip_jax.sharding, and `jax.jit(init, out_shardings=…)`
+creates it in place.
+"""
+
+import dataclasses
+import functools
+import logging
+import signal
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from clip_jax import checkpoint, models, sharding, tasks
+from clip_jax.data import pipeline
+from clip_jax.train import logging as run_logging
+from clip_jax.train import optim
+from clip_jax.train import state as state_lib
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
+  """Checks the run-level fields against this machine; returns the mesh shape."""
+  mesh_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  data, fsdp, _ = mesh_shape
+  if config.batch_size % (data * fsdp):
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch-sharding axes '
+                     f'data*fsdp = {data}*{fsdp} = {data * fsdp}; choose a multiple of {data * fsdp}')
+  if config.batch_size % jax.process_count():
+    raise ValueError(f'batch_size={config.batch_size} is not divisible by the process count {jax.process_count()}')
+  for field in ('total_steps', 'checkpoint.every_steps', 'log_every_steps', 'max_bad_steps'):
+    node, value = config, None
+    for part in field.split('.'):
+      value = node = node[part]
+    if value < 1:
+      raise ValueError(f'{field}={value} must be at least 1')
+  return mesh_shape
+
+
+def make_step(model, objective, optimizer, schedule):
+  """The pure train step. A non-finite loss or gradient leaves the state untouched (but counts)."""
+
+  def step(state: state_lib.TrainState, batch: dict):
+    rng = jax.random.fold_in(state.rng, state.step)
+    rngs = dict(zip(('dropout', 'gumbel', 'augment'), jax.random.split(rng, 3)))
+
+    def loss_fn(params):
+      variables = {'params': params, **state.model_state, **state.frozen}
+      loss, metrics, updates = objective(model, variables, batch, train=True, rngs=rngs)
+      return loss, (metrics, updates)
+
+    (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grad_norm = optax.global_norm(grads)
+    param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, param_updates)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        model_state=keep({**state.model_state, **updates}, state.model_state),
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1))
+    metrics = dict(metrics, loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   bad_steps=new_state.bad_steps, step_applied=ok)
+    return new_state, metrics
+
+  return step
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything `train()` derives from the config before the first step."""
+  config: ml_collections.ConfigDict
+  mesh: Any
+  rules: Any
+  model: Any
+  objective: Any
+  optimizer: Any
+  schedule: Any
+  abstract_state: Any
+  state_shardings: Any
+  init_state: Any  # rng -> sharded TrainState (jitted)
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+  mesh = sharding.make_mesh(*validate(config))
+  rules = sharding.axis_rules(config.mesh.get('rules'))
+  model = models.build(config.model)
+  objective = tasks.build_objective(config)
+  schedule = optim.schedule(config.optim, config.total_steps)
+  optimizer = optim.make(config.optim, config.total_steps)
+  inputs = [jnp.zeros(x.shape, x.dtype) for x in models.example_inputs(config.model)]
+
+  def boxed_init(rng):
+    variables = model.init(rng, *inputs)
+    params = variables['params']
+    model_state = {k: v for k, v in variables.items() if k != 'params'}
+    return state_lib.create(params, model_state, optimizer, jax.random.fold_in(rng, 1))
+
+  def init(rng):
+    return nn.unbox(boxed_init(rng))
+
+  with sharding.use(mesh, rules):
+    logical = nn.get_partition_spec(jax.eval_shape(boxed_init, jax.random.PRNGKey(0)))
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = sharding.logical_sharding(logical, abstract, mesh, rules)
+    init_state = jax.jit(init, out_shardings=shardings)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  return Setup(config, mesh, rules, model, objective, optimizer, schedule, abstract, shardings, init_state)
+
+
+def global_batch(mesh, local: dict) -> dict:
+  """This process's numpy batch -> global arrays sharded over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+          for k, v in local.items()}
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls: save, then leave cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: preemption is then the caller's business
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _train_batch_fields(batch: dict) -> dict:
+  return {k: v for k, v in batch.items() if k != 'valid'}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
+  """Trains (or resumes) the run in `workdir`; returns the last logged and eval metrics."""
+  s = setup(config)
+  mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.get('async', True))
+  writer = run_logging.MetricsWriter(workdir, tensorboard=config.get('tensorboard', True))
+  data = pipeline.make_iterator(config.data, batch_size=config.batch_size, image_size=config.model.vision.image_size,
+                                context_length=config.model.text.context_length, seed=config.seed, train=True)
+  step_fn = jax.jit(make_step(s.model, s.objective, s.optimizer, s.schedule),
+                    in_shardings=(s.state_shardings, None), out_shardings=(s.state_shardings, None),
+                    donate_argnums=0)
+  start = mngr.latest_step()
+  with sharding.use(s.mesh, s.rules):
+    if start is None:
+      state = s.init_state(jax.random.PRNGKey(config.seed))
+      start = 0
+    else:
+      state, data_state = checkpoint.restore(mngr, start, s.abstract_state)
+      data.set_state(data_state)
+      log.info('resumed from step %d', start)
+  if jax.process_index() == 0:
+    print(run_logging.startup_summary(s.mesh, s.abstract_state, s.state_shardings), flush=True)
+
+  bar = None
+  if progress and jax.process_index() == 0:
+    import tqdm  # pylint: disable=g-import-not-at-top
+    bar = tqdm.tqdm(total=config.total_steps, initial=start, desc='train', dynamic_ncols=True)
+
+  throughput = run_logging.Throughput()
+  last: dict[str, Any] = {}
+  pending = None  # (step, metrics) of the step before: read after the next dispatch, so they overlap
+  step = start
+  stopped_early = False
+
+  def finish_step(done_step, metrics):
+    nonlocal last
+    metrics = jax.device_get(metrics)  # waits for that step: throughput counts finished steps
+    throughput.add(config.batch_size)
+    if int(metrics['bad_steps']) >= config.max_bad_steps:
+      raise TrainingError(
+          f'{int(metrics["bad_steps"])} non-finite steps in a row (max_bad_steps={config.max_bad_steps}) at step '
+          f'{done_step}; the parameters were not updated by them and the last good checkpoint is '
+          f'{mngr.latest_step()} in {checkpoint.checkpoint_dir(workdir)}')
+    if done_step % config.log_every_steps == 0 or done_step == config.total_steps:
+      row = {k: v for k, v in metrics.items() if k != 'step_applied'}
+      row.update(examples_per_second=throughput.rate(), skipped_records=data.skipped)
+      writer.write(done_step, row)
+      last = row
+      if bar is not None:
+        bar.set_postfix(loss=f'{float(metrics["loss"]):.4f}')
+
+  try:
+    with _Preemption() as preemption, sharding.use(s.mesh, s.rules):
+      while step < config.total_steps:
+        batch = global_batch(s.mesh, _train_batch_fields(next(data)))
+        state, metrics = step_fn(state, batch)
+        step += 1
+        if pending is not None:
+          finish_step(*pending)
+        pending = (step, metrics)
+        if bar is not None:
+          bar.update(1)
+        if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preemption.requested:
+          finish_step(*pending)  # never checkpoint past a run of bad steps unchecked
+          pending = None
+          checkpoint.save(mngr, step, state, data.get_state(), config)
+        if config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.total_steps:
+          writer.write(step, evaluate(s, state))
+        if preemption.requested:
+          log.warning('SIGTERM: saved step %d, exiting', step)
+          stopped_early = True
+          break
+      if pending is not None:
+        finish_step(*pending)
+      mngr.wait_until_finished()
+      results = dict(last)
+      if not stopped_early and config.eval.at_end:
+        eval_metrics = evaluate(s, state)
+        writer.write(step, eval_metrics)
+        results.update(eval_metrics)
+  finally:
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.close()
+    data.close()
+    if bar is not None:
+      bar.close()
+  results['step'] = step
+  results['preempted'] = stopped_early
+  return results
+
+
+def evaluate(s: Setup, state) -> dict:
+  variables = {'params': state.params, **state.model_state}
+  return s.objective.evaluate(s.model, variables, s.config)

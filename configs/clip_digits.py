@@ -1,0 +1,75 @@
+"""The main job: a small CLIP trained from scratch on the embedded digits scenes.
+
+  python -m clip_jax.train --config configs/clip_digits.py --workdir runs/digits
+
+Runs on a 2-core CPU in under 10 minutes and should reach zero-shot top-1
+>= 0.90 on single-digit canvases of held-out (test-split) handwriting,
+classifying among the ten digit words with the templates in
+clip_jax.evaluate.digits. Variants:
+
+  configs/clip_digits.py:tiny     a few steps of the tiny model (tests, smoke runs)
+  configs/clip_digits.py:siglip   the same run with SigLIP's sigmoid loss
+"""
+
+import ml_collections
+
+from clip_jax.data import pipeline
+from clip_jax.evaluate import digits as digits_eval
+from clip_jax.models import zoo
+from clip_jax.train import optim
+
+
+def get_config(arg: str = '') -> ml_collections.ConfigDict:
+  variant = arg or 'default'
+  if variant not in ('default', 'tiny', 'siglip'):
+    raise ValueError(f"configs/clip_digits.py:{arg}: unknown variant; use '', 'tiny' or 'siglip'")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128
+  c.total_steps = 1500
+  c.log_every_steps = 50
+  c.max_bad_steps = 20
+  c.tensorboard = True
+
+  # 64x64 canvases, 8x8 patches; captions are at most ~16 tokens.
+  c.model = zoo.clip_config(
+      embed_dim=128,
+      vision=zoo.vit_vision(image_size=64, patch_size=8, width=128, layers=4, heads=4),
+      text=zoo.text_tower(width=128, layers=4, heads=4, context_length=24),
+      act='gelu')
+
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.contrastive = dict(weight=1.0, loss='softmax')
+
+  c.optim = optim.default_config()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 100
+  c.optim.weight_decay = 0.1
+
+  c.data = pipeline.default_data_config()
+  c.data.loader = 'grain'
+  c.data.source = 'digits'
+  c.data.digits.drop_color_prob = 0.3
+  c.data.augment.scale = (0.8, 1.0)
+
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
+  c.eval = digits_eval.default_config()
+
+  if variant == 'tiny':
+    c.batch_size = 16
+    c.total_steps = 4
+    c.log_every_steps = 1
+    c.checkpoint.every_steps = 2
+    c.optim.warmup_steps = 1
+    c.model = zoo.get('tiny')
+    c.model.vision.image_size = 64
+    c.model.text.context_length = 24
+    c.eval.num_zeroshot = 40
+    c.eval.num_retrieval = 40
+    c.data.digits.num_train = 512
+  elif variant == 'siglip':
+    c.model.init_logit_scale = 2.302585092994046  # ln 10
+    c.model.init_logit_bias = -10.0
+    c.tasks.contrastive.loss = 'sigmoid'
+  return c

@@ -1,0 +1,110 @@
+"""The one trainer: sharding equivalence, non-finite steps, validation, checkpoints."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clip_jax import checkpoint
+from clip_jax.data import pipeline
+from clip_jax.train import trainer
+from trainer_helpers import losses, tiny_config
+
+STEPS = 20
+
+
+@pytest.fixture(scope='module')
+def reference_losses(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('mesh_8x1x1')
+  trainer.train(tiny_config(total_steps=STEPS, **{'mesh.data': 8}), str(workdir), progress=False)
+  return losses(workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('mesh_shape', [(2, 4, 1), (2, 2, 2), (1, 8, 1)], ids=['2x4x1', '2x2x2', '1x8x1'])
+def test_first_losses_agree_across_meshes(mesh_shape, reference_losses, tmp_path):
+  data, fsdp, tensor = mesh_shape
+  config = tiny_config(total_steps=STEPS, **{'mesh.data': data, 'mesh.fsdp': fsdp, 'mesh.tensor': tensor})
+  trainer.train(config, str(tmp_path), progress=False)
+  got = losses(tmp_path)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  want = np.array([reference_losses[s] for s in range(1, STEPS + 1)])
+  np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], want, rtol=1e-4)
+  assert want[-1] < want[0]  # and it is learning
+
+
+def test_checkpoint_load_returns_the_trained_variables(tmp_path):
+  config = tiny_config(total_steps=2)
+  trainer.train(config, str(tmp_path), progress=False)
+  loaded_config, variables = checkpoint.load(str(tmp_path))
+  assert loaded_config.model.to_dict() == config.model.to_dict()
+  assert loaded_config.total_steps == 2
+  assert isinstance(variables['params']['logit_scale'], np.ndarray)
+  with pytest.raises(FileNotFoundError, match=r'no checkpoint for step 7 .* available: \[2\]'):
+    checkpoint.load(str(tmp_path), step=7)
+  with pytest.raises(FileNotFoundError, match='no checkpoint in'):
+    checkpoint.load(str(tmp_path / 'elsewhere'))
+
+
+def test_non_finite_step_is_skipped_and_counted():
+  config = tiny_config()
+  s = trainer.setup(config)
+  step_fn = jax.jit(trainer.make_step(s.model, s.objective, s.optimizer, s.schedule))
+  data = pipeline.make_iterator(config.data, batch_size=config.batch_size, image_size=64, context_length=24,
+                                seed=0)
+  batch = {k: jnp.asarray(v) for k, v in next(data).items()}
+  state = s.init_state(jax.random.PRNGKey(0))
+  before = jax.device_get(state.params)
+  poisoned = dict(batch, tokens=batch['tokens'].at[0, 1].set(10 ** 6))  # out of vocabulary -> NaN features
+  state, metrics = step_fn(state, poisoned)
+  assert not np.isfinite(float(metrics['loss']))
+  assert int(metrics['bad_steps']) == 1 and not bool(metrics['step_applied'])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+  assert int(state.step) == 1  # the batch was consumed
+  for _ in range(2):  # the warmup schedule's first learning rate is 0
+    state, metrics = step_fn(state, batch)
+    assert np.isfinite(float(metrics['loss'])) and int(metrics['bad_steps']) == 0
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params), before)
+  assert all(jax.tree.leaves(changed))
+
+
+def test_too_many_bad_steps_stop_with_the_good_checkpoint(tmp_path, monkeypatch):
+  make = pipeline.make_iterator
+
+  class Poisoned:
+    """Good batches for two steps, then out-of-vocabulary tokens forever."""
+
+    def __init__(self, inner):
+      self.inner, self.count = inner, 0
+
+    def __next__(self):
+      batch = next(self.inner)
+      self.count += 1
+      if self.count > 2:
+        batch = dict(batch, tokens=np.full_like(batch['tokens'], 10 ** 6))
+      return batch
+
+    def __getattr__(self, name):
+      return getattr(self.inner, name)
+
+  monkeypatch.setattr(pipeline, 'make_iterator', lambda *a, **k: Poisoned(make(*a, **k)))
+  config = tiny_config(total_steps=20, max_bad_steps=3, **{'checkpoint.every_steps': 2})
+  with pytest.raises(trainer.TrainingError, match=r'3 non-finite steps in a row \(max_bad_steps=3\) at step 5'):
+    trainer.train(config, str(tmp_path), progress=False)
+  _, good = checkpoint.load(str(tmp_path), step=2)
+  latest_config, latest = checkpoint.load(str(tmp_path))
+  jax.tree.map(np.testing.assert_array_equal, latest, good)  # bad steps never touched the parameters
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(latest))
+
+
+@pytest.mark.parametrize('overrides,match', [
+    ({'batch_size': 12, 'mesh.data': 8}, r'batch_size=12 is not divisible by the batch-sharding axes data\*fsdp = 8\*1'),
+    ({'mesh.data': 3, 'mesh.fsdp': 2}, r'data\*fsdp\*tensor = 6 but there are 8 devices'),
+    ({'mesh.data': -1, 'mesh.fsdp': -1}, 'only one of data/fsdp/tensor may be -1'),
+    ({'total_steps': 0}, 'total_steps=0 must be at least 1'),
+    ({'tasks.contrastive.loss': 'hinge'}, r"tasks.contrastive.loss='hinge'"),
+    ({'optim.warmup_steps': 50}, r'optim.warmup_steps=50 must be below total_steps=4'),
+])
+def test_startup_refuses_bad_configs(overrides, match, tmp_path):
+  with pytest.raises(ValueError, match=match):
+    trainer.train(tiny_config(**overrides), str(tmp_path), progress=False)
