@@ -26,34 +26,40 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128
-  c.total_steps = 1500
+  c.total_steps = 800
   c.log_every_steps = 50
   c.max_bad_steps = 20
   c.tensorboard = True
 
-  # 64x64 canvases, 8x8 patches; captions are at most ~16 tokens.
+  # A narrow ModifiedResNet on the 64x64 canvases: from scratch on ~100k examples its
+  # convolutions learn the digits' shapes far sooner than a ViT does (in 400 steps a
+  # 4-layer ViT stayed at chance, the ResNet reached 0.63). Captions are <= 16 tokens.
   c.model = zoo.clip_config(
       embed_dim=128,
-      vision=zoo.vit_vision(image_size=64, patch_size=8, width=128, layers=4, heads=4),
+      vision=zoo.resnet_vision(image_size=64, layers=(1, 1, 1, 1), width=16, heads=8),
       text=zoo.text_tower(width=128, layers=4, heads=4, context_length=24),
-      act='gelu')
+      act='quick_gelu')
 
   c.tasks = ml_collections.ConfigDict()
   c.tasks.contrastive = dict(weight=1.0, loss='softmax')
 
   c.optim = optim.default_config()
-  c.optim.lr = 1e-3
-  c.optim.warmup_steps = 100
+  c.optim.lr = 2e-3
+  c.optim.warmup_steps = 50
   c.optim.weight_decay = 0.1
 
   c.data = pipeline.default_data_config()
   c.data.loader = 'grain'
   c.data.source = 'digits'
-  c.data.digits.drop_color_prob = 0.3
+  # One digit per scene: every caption then pins down one digit, the signal the
+  # zero-shot target needs; half the captions omit the colour so that colour alone
+  # cannot solve the contrastive task. (1-3 digit scenes learn the digits far slower.)
+  c.data.digits.num_digits = (1, 1)
+  c.data.digits.drop_color_prob = 0.5
   c.data.augment.scale = (0.8, 1.0)
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2))
   c.eval = digits_eval.default_config()
 
   if variant == 'tiny':
@@ -65,6 +71,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.model = zoo.get('tiny')
     c.model.vision.image_size = 64
     c.model.text.context_length = 24
+    c.data.digits.num_digits = (1, 3)
     c.eval.num_zeroshot = 40
     c.eval.num_retrieval = 40
     c.data.digits.num_train = 512

@@ -22,16 +22,16 @@ def test_recall_at_k_against_brute_force():
   for k in (1, 5):
     i2t = np.mean([i in np.argsort(-sim[i])[:k] for i in range(30)])
     t2i = np.mean([t in np.argsort(-sim[:, t])[:k] for t in range(30)])
-    assert got[f'i2t_R@{k}'] == pytest.approx(i2t)
-    assert got[f't2i_R@{k}'] == pytest.approx(t2i)
-  assert 0 < got['i2t_R@1'] < got['i2t_R@5'] <= 1
+    assert got[f'i2t_R{k}'] == pytest.approx(i2t)
+    assert got[f't2i_R{k}'] == pytest.approx(t2i)
+  assert 0 < got['i2t_R1'] < got['i2t_R5'] <= 1
 
 
 def test_recall_with_several_captions_per_image():
   img = np.eye(3)
   txt = np.array([[1, 0, 0], [0, 1, 0], [0.9, 0.1, 0], [0, 0, 1]], float)
   got = retrieval.recall_at_k(img, txt, ks=(1,), image_ids_of_texts=np.array([0, 1, 0, 2]))
-  assert got == {'i2t_R@1': 1.0, 't2i_R@1': 1.0}
+  assert got == {'i2t_R1': 1.0, 't2i_R1': 1.0}
   with pytest.raises(ValueError, match='pass image_ids_of_texts'):
     retrieval.recall_at_k(img, txt)
 
@@ -90,7 +90,7 @@ def test_digits_evaluation_reports_every_metric(tiny_run):
   config, variables = checkpoint.load(str(tiny_run))
   config.eval.num_zeroshot, config.eval.num_retrieval = 20, 20
   results = digits_eval.evaluate(models.build(config.model), variables, config)
-  assert set(results) == {'zeroshot_top1', 'zeroshot_top5', 'i2t_R@1', 't2i_R@1', 'i2t_R@5', 't2i_R@5',
-                          'i2t_R@10', 't2i_R@10'}
+  assert set(results) == {'zeroshot_top1', 'zeroshot_top5', 'i2t_R1', 't2i_R1', 'i2t_R5', 't2i_R5',
+                          'i2t_R10', 't2i_R10'}
   assert all(0.0 <= v <= 1.0 for v in results.values())
   assert results['zeroshot_top5'] >= results['zeroshot_top1']

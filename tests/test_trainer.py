@@ -1,5 +1,7 @@
 """The one trainer: sharding equivalence, non-finite steps, validation, checkpoints."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +110,17 @@ def test_too_many_bad_steps_stop_with_the_good_checkpoint(tmp_path, monkeypatch)
 def test_startup_refuses_bad_configs(overrides, match, tmp_path):
   with pytest.raises(ValueError, match=match):
     trainer.train(tiny_config(**overrides), str(tmp_path), progress=False)
+
+
+def test_logs_summary_and_keep_n(tmp_path, capsys):
+  config = tiny_config(total_steps=4, tensorboard=True, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 2})
+  trainer.train(config, str(tmp_path), progress=False)
+  out = capsys.readouterr().out
+  assert 'mesh: data=8, fsdp=1, tensor=1' in out and 'parameters: ' in out and 'per-device bytes' in out
+  rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
+  assert [r['step'] for r in rows] == [1, 2, 3, 4]
+  for key in ('loss', 'learning_rate', 'examples_per_second', 'skipped_records', 'grad_norm', 'bad_steps'):
+    assert all(key in r for r in rows), key
+  assert rows[0]['learning_rate'] == 0.0 and rows[1]['learning_rate'] > 0
+  assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
+  assert sorted(checkpoint.manager(str(tmp_path), read_only=True).all_steps()) == [3, 4]

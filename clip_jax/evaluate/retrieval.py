@@ -7,7 +7,9 @@ import numpy as np
 
 def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, ks: Sequence[int] = (1, 5, 10),
                 image_ids_of_texts: np.ndarray | None = None) -> dict[str, float]:
-  """R@K both ways for L2-normalised features.
+  """Recall@K both ways for L2-normalised features, as {'i2t_R1': ..., 't2i_R1': ...}.
+
+  (Keys avoid '@' so they are valid TensorBoard tag names.)
 
   By default text i belongs to image i. With several captions per image pass
   `image_ids_of_texts` [num_texts]: an image query hits when any of its texts
@@ -28,6 +30,6 @@ def recall_at_k(image_features: np.ndarray, text_features: np.ndarray, ks: Seque
   owns = image_ids_of_texts[i2t_rank] == np.arange(len(sim))[:, None]
   i2t_pos = np.argmax(owns, axis=1)
   for k in ks:
-    results[f'i2t_R@{k}'] = float(np.mean(i2t_pos < k))
-    results[f't2i_R@{k}'] = float(np.mean(t2i_pos < k))
+    results[f'i2t_R{k}'] = float(np.mean(i2t_pos < k))
+    results[f't2i_R{k}'] = float(np.mean(t2i_pos < k))
   return results

@@ -28,9 +28,10 @@ def main(argv):
   except (ValueError, trainer.TrainingError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  summary = {k: v for k, v in results.items() if k.startswith('contrastive/') or k in ('step', 'loss')}
-  print('final: ' + ', '.join(f'{k}={v:.4f}' if isinstance(v, float) else f'{k}={v}'
-                              for k, v in sorted(summary.items())), flush=True)
+  print(f'final: step={results["step"]}, loss={float(results.get("loss", float("nan"))):.4f}', flush=True)
+  for key in sorted(results):
+    if any(tag in key for tag in ('zeroshot', '_R')):
+      print(f'{key}: {results[key]:.4f}', flush=True)
 
 
 if __name__ == '__main__':

@@ -11,8 +11,11 @@ _NO_DECAY_NAMES = ('token_embedding', 'positional_embedding', 'class_embedding',
 def decay_mask(params):
   """True where weight decay applies: matrices and conv kernels, not biases, norms or embeddings."""
   def decays(path, leaf):
-    names = [getattr(p, 'key', getattr(p, 'name', '')) for p in path]
-    return leaf.ndim >= 2 and not any(n in _NO_DECAY_NAMES for n in names)
+    names = [str(getattr(p, 'key', getattr(p, 'name', ''))) for p in path]
+    # By name, not only by rank: attention biases are [3, heads, head_dim].
+    if any(n in _NO_DECAY_NAMES or n in ('bias', 'scale') for n in names):
+      return False
+    return leaf.ndim >= 2
 
   return jax.tree_util.tree_map_with_path(decays, params)
 
