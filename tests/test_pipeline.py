@@ -7,12 +7,11 @@ from clip_jax.data import augment
 from clip_jax.data import digits
 from clip_jax.data import pipeline
 from clip_jax.data import tokenizer
+from pipeline_helpers import L, assert_batches_equal, image_index, make
 
 # grain and array-record are dependencies; an install without them skips, not fails.
 pytest.importorskip('grain')
 pytest.importorskip('array_record')
-
-L = 16  # context length: digits captions fit
 
 
 def digits_config(num_train=40, num_test=30, **overrides):
@@ -21,26 +20,6 @@ def digits_config(num_train=40, num_test=30, **overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
-
-
-def make(c, batch_size=8, image_size=32, seed=0, train=True, process_index=0, process_count=1):
-  return pipeline.make_iterator(c, batch_size=batch_size, image_size=image_size, context_length=L,
-                                seed=seed, train=train, process_index=process_index,
-                                process_count=process_count)
-
-
-def assert_batches_equal(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def image_index(split, n):
-  """{image bytes: index} of the digits scenes (eval geometry at 64 is the identity)."""
-  src = digits.DigitsSource(split, n)
-  table = {src[i]['image'].tobytes(): i for i in range(n)}
-  assert len(table) == n
-  return table
 
 
 def check_objects_follow_the_crop(batch, tol=1.0):

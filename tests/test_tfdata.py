@@ -15,10 +15,10 @@ from clip_jax.data import augment  # noqa: E402
 from clip_jax.data import digits  # noqa: E402
 from clip_jax.data import pipeline  # noqa: E402
 from clip_jax.data import tokenizer  # noqa: E402
+from pipeline_helpers import L, assert_batches_equal, image_index, make  # noqa: E402
 
 logging.getLogger('absl').setLevel(logging.ERROR)  # TFDS deprecation chatter
 
-L = 16
 NUM_TRAIN, NUM_TEST = 40, 30
 
 
@@ -37,23 +37,6 @@ def digits_config(data_dir, **overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
-
-
-def make(c, batch_size=8, image_size=32, seed=0, train=True, process_index=0, process_count=1):
-  return pipeline.make_iterator(c, batch_size=batch_size, image_size=image_size, context_length=L,
-                                seed=seed, train=train, process_index=process_index,
-                                process_count=process_count)
-
-
-def assert_batches_equal(a, b):
-  assert a.keys() == b.keys()
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-
-
-def image_index(split, n):
-  src = digits.DigitsSource(split, n)
-  return {src[i]['image'].tobytes(): i for i in range(n)}
 
 
 # --------------------------------------------------- numpy and TF agree

@@ -124,3 +124,18 @@ def test_logs_summary_and_keep_n(tmp_path, capsys):
   assert rows[0]['learning_rate'] == 0.0 and rows[1]['learning_rate'] > 0
   assert list((tmp_path / 'tensorboard').glob('events.out.tfevents.*'))
   assert sorted(checkpoint.manager(str(tmp_path), read_only=True).all_steps()) == [3, 4]
+
+
+def test_sigmoid_loss_trains_with_a_logit_bias(tmp_path):
+  config = tiny_config(total_steps=4, **{'model.init_logit_bias': -10.0, 'model.init_logit_scale': 2.302585,
+                                         'tasks.contrastive.loss': 'sigmoid'})
+  results = trainer.train(config, str(tmp_path), progress=False)
+  assert np.isfinite(results['loss']) and results['bad_steps'] == 0
+  assert 'logit_bias' in results
+  _, variables = checkpoint.load(str(tmp_path))
+  assert variables['params']['logit_bias'] != -10.0  # learned
+
+
+def test_sigmoid_loss_without_a_bias_is_refused(tmp_path):
+  with pytest.raises(ValueError, match=r"needs a logit bias: set model.init_logit_bias"):
+    trainer.train(tiny_config(**{'tasks.contrastive.loss': 'sigmoid'}), str(tmp_path), progress=False)
