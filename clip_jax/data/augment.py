@@ -202,12 +202,7 @@ def resized_crop_tf(image, window, size: int, mask=None):
 def center_geometry_tf(height, width, size: int):
   """`center_geometry` with TF ops (same float64 arithmetic as transforms)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  short = tf.cast(tf.minimum(height, width), tf.float64)
-  long = tf.cast(tf.maximum(height, width), tf.float64)
-  new_long = tf.cast(tf.floor(size * long / short), tf.int32)
-  portrait = width <= height
-  new_h = tf.where(portrait, new_long, size)
-  new_w = tf.where(portrait, size, new_long)
+  new_h, new_w = transforms.resized_size_tf(height, width, size)
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float64) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float64) / 2.0), tf.int32)
   return (new_h, new_w), (top, left)

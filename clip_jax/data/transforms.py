@@ -122,6 +122,16 @@ def normalize(images):
   return (x - xp.asarray(_MEAN32)) / xp.asarray(_STD32)
 
 
+def resized_size_tf(height, width, image_size: int):
+  """`resized_size` with TF ops: int(size * long / short) in float64, as torchvision computes it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  short = tf.cast(tf.minimum(height, width), tf.float64)
+  long = tf.cast(tf.maximum(height, width), tf.float64)
+  new_long = tf.cast(tf.floor(image_size * long / short), tf.int32)
+  portrait = width <= height
+  return tf.where(portrait, new_long, image_size), tf.where(portrait, image_size, new_long)
+
+
 def preprocess_tf(image, image_size: int):
   """CLIP eval transform with TF ops: tf.float32 [image_size, image_size, 3].
 
@@ -148,13 +158,7 @@ def preprocess_tf(image, image_size: int):
   shape = tf.shape(image)
   height, width = shape[0], shape[1]
   tf.debugging.assert_positive(tf.minimum(height, width), message='image is empty')
-  # int(size * long / short) in float64, as torchvision does in Python floats.
-  short = tf.cast(tf.minimum(height, width), tf.float64)
-  long = tf.cast(tf.maximum(height, width), tf.float64)
-  new_long = tf.cast(tf.floor(size * long / short), tf.int32)
-  portrait = width <= height
-  new_height = tf.where(portrait, new_long, size)
-  new_width = tf.where(portrait, size, new_long)
+  new_height, new_width = resized_size_tf(height, width, size)
 
   resized = tf.image.resize(image, tf.stack([new_height, new_width]), method='bicubic', antialias=True)
   resized = tf.clip_by_value(tf.round(resized), 0.0, 255.0)

@@ -17,10 +17,6 @@ class TrainState:
   bad_steps: jax.Array       # consecutive non-finite steps (reset by a good one)
   frozen: Any = flax.struct.field(default_factory=dict)  # parameters no optimizer touches (teachers)
 
-  @property
-  def variables(self) -> dict:
-    return {'params': self.params, **self.model_state}
-
 
 def create(params, model_state, optimizer, rng) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
