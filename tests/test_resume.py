@@ -24,7 +24,7 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(loader, tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr
 
   killed = tmp_path / 'killed'
-  kill_at = random.Random().randint(3, STEPS - 2)  # after the first checkpoint (step 2)
+  kill_at = random.Random().randint(3, STEPS - 4)  # after the first checkpoint (step 2), well before the end
   proc = start_cli(killed, *flags)
   wait_for_step(killed, kill_at, proc)
   proc.send_signal(signal.SIGKILL)
