@@ -18,9 +18,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  # Our own messages at INFO; orbax/absl chatter only from WARNING up.
-  logging.basicConfig(level=logging.WARNING, format='%(asctime)s %(levelname)s %(message)s')
-  logging.getLogger('absl').setLevel(logging.WARNING)
+  # Our own messages at INFO; library chatter (orbax, jax backend probing) only from WARNING up.
+  logging.getLogger().setLevel(logging.WARNING)
   logging.getLogger('clip_jax').setLevel(logging.INFO)
   from clip_jax.train import trainer  # pylint: disable=g-import-not-at-top
   try:
