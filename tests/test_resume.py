@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from clip_jax import checkpoint
-from trainer_helpers import losses, run_cli, start_cli, wait_for_step
+from trainer_helpers import losses, run_cli, start_cli, wait_for_checkpoint, wait_for_step
 
-STEPS = 10
+STEPS = 16
 FLAGS = (f'--config.total_steps={STEPS}', '--config.checkpoint.every_steps=2', '--config.log_every_steps=1',
          '--config.mesh.data=2', '--config.mesh.fsdp=4')
 
@@ -24,9 +24,10 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(loader, tmp_path):
   assert done.returncode == 0, done.stdout + done.stderr
 
   killed = tmp_path / 'killed'
-  kill_at = random.Random().randint(3, STEPS - 4)  # after the first checkpoint (step 2), well before the end
+  kill_at = random.Random().randint(3, STEPS // 2)  # after the first checkpoint (step 2), well before the end
   proc = start_cli(killed, *flags)
   wait_for_step(killed, kill_at, proc)
+  wait_for_checkpoint(killed, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   resumed_from = checkpoint.manager(str(killed), read_only=True).latest_step()
@@ -57,4 +58,4 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path):
   again = run_cli(tmp_path, *flags)
   assert again.returncode == 0, again.stdout + again.stderr
   assert checkpoint.manager(str(tmp_path), read_only=True).latest_step() == STEPS
-  assert 'step=10' in again.stdout
+  assert f'step={STEPS}' in again.stdout

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clip_jax import checkpoint
+from clip_jax import checkpoint, tasks
 from clip_jax.data import pipeline
 from clip_jax.train import trainer
 from trainer_helpers import losses, tiny_config
@@ -139,3 +139,12 @@ def test_sigmoid_loss_trains_with_a_logit_bias(tmp_path):
 def test_sigmoid_loss_without_a_bias_is_refused(tmp_path):
   with pytest.raises(ValueError, match=r"needs a logit bias: set model.init_logit_bias"):
     trainer.train(tiny_config(**{'tasks.contrastive.loss': 'sigmoid'}), str(tmp_path), progress=False)
+
+
+def test_only_the_fields_the_objective_reads_are_selected():
+  objective = tasks.build_objective(tiny_config())
+  batch = {'image': np.zeros((2, 4, 4, 3), np.uint8), 'tokens': np.zeros((2, 5), np.int32),
+           'mask': np.zeros((2, 4, 4), np.uint8)}
+  assert sorted(objective.select(batch)) == ['image', 'tokens']
+  with pytest.raises(ValueError, match=r"needs batch fields \['tokens'\] but the data yields \['image'\]"):
+    objective.select({'image': batch['image']})

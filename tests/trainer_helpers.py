@@ -71,3 +71,17 @@ def wait_for_step(workdir, step, proc, timeout=240):
       raise AssertionError(f'run ended before step {step}:\n{proc.stdout.read()}')
     time.sleep(0.05)
   raise AssertionError(f'step {step} not reached in {timeout}s')
+
+
+def wait_for_checkpoint(workdir, proc, timeout=240):
+  """Blocks until a checkpoint is committed (async saves land a little after their step)."""
+  from clip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if (pathlib.Path(workdir) / 'checkpoints').exists():
+      if checkpoint.manager(str(workdir), read_only=True).latest_step() is not None:
+        return
+    if proc.poll() is not None:
+      raise AssertionError(f'run ended before its first checkpoint:\n{proc.stdout.read()}')
+    time.sleep(0.05)
+  raise AssertionError(f'no checkpoint committed in {timeout}s')

@@ -5,8 +5,8 @@ import ml_collections
 from clip_jax.tasks.base import Objective, Task
 from clip_jax.tasks.contrastive import ContrastiveTask, clip_forward
 
-# model.name -> how a batch is fed to that model.
-FORWARDS = {'clip': clip_forward}
+# model.name -> (how a batch is fed to that model, the batch fields it reads).
+FORWARDS = {'clip': (clip_forward, ('image', 'tokens'))}
 
 
 def _contrastive(options):
@@ -32,7 +32,8 @@ def build_objective(config: ml_collections.ConfigDict) -> Objective:
     if not weight > 0:
       raise ValueError(f'config.tasks.{name}.weight={weight}: weights must be positive')
     tasks.append((float(weight), TASKS[name](options)))
-  return Objective(forward=FORWARDS[model_name], tasks=tuple(tasks))
+  forward, batch_keys = FORWARDS[model_name]
+  return Objective(forward=forward, tasks=tuple(tasks), batch_keys=batch_keys)
 
 
 __all__ = ['build_objective', 'Objective', 'Task', 'ContrastiveTask']

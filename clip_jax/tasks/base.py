@@ -37,6 +37,15 @@ class Task(abc.ABC):
 class Objective:
   forward: Forward
   tasks: Sequence[tuple[float, Task]]
+  batch_keys: Sequence[str] = ('image', 'tokens')  # the batch fields the step needs on device
+
+  def select(self, batch: Mapping[str, Any]) -> dict:
+    """The fields of a host batch this objective uses (the rest never reach the device)."""
+    missing = [k for k in self.batch_keys if k not in batch]
+    if missing:
+      raise ValueError(f'the objective needs batch fields {missing} but the data yields {sorted(batch)}; '
+                       'choose a config.data source that provides them')
+    return {k: batch[k] for k in self.batch_keys}
 
   def __call__(self, model, variables, batch, *, train: bool, rngs: dict):
     """(total loss, metrics, updated mutable collections); metrics are prefixed by task name."""

@@ -153,10 +153,6 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def _train_batch_fields(batch: dict) -> dict:
-  return {k: v for k, v in batch.items() if k != 'valid'}
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
   """Trains (or resumes) the run in `workdir`; returns the last logged and eval metrics."""
   s = setup(config)
@@ -210,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   try:
     with _Preemption() as preemption, sharding.use(s.mesh, s.rules):
       while step < config.total_steps:
-        batch = global_batch(s.mesh, _train_batch_fields(next(data)))
+        batch = global_batch(s.mesh, s.objective.select(next(data)))
         state, metrics = step_fn(state, batch)
         step += 1
         if pending is not None:
