@@ -94,3 +94,15 @@ def test_digits_evaluation_reports_every_metric(tiny_run):
                           'i2t_R10', 't2i_R10'}
   assert all(0.0 <= v <= 1.0 for v in results.values())
   assert results['zeroshot_top5'] >= results['zeroshot_top1']
+
+
+def test_repeated_evaluation_compiles_once(tiny_run):
+  config, variables = checkpoint.load(str(tiny_run))
+  config.eval.num_zeroshot, config.eval.num_retrieval = 20, 20
+  model = models.build(config.model)
+  compiled = lambda: (embed._image_encoder(model)._cache_size(),  # pylint: disable=protected-access
+                      zeroshot._jitted_encode_text(model)._cache_size())  # pylint: disable=protected-access
+  digits_eval.evaluate(model, variables, config)
+  first = compiled()
+  digits_eval.evaluate(models.build(config.model), variables, config)  # an equal module: same cache entries
+  assert compiled() == first and first[0] == 1

@@ -1,5 +1,6 @@
 """Batched, jitted feature extraction for evaluation (any mesh, any dataset size)."""
 
+import functools
 from typing import Callable
 
 import jax
@@ -22,9 +23,15 @@ def _batched(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
   return np.concatenate(outputs)
 
 
+@functools.lru_cache(maxsize=8)
+def _image_encoder(model) -> Callable:
+  """One jitted encoder per model (modules hash by their fields), so periodic evals compile once."""
+  return jax.jit(lambda v, x: model.apply(v, transforms.normalize(x), normalize=True, method='encode_image'))
+
+
 def image_features(model, variables, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
   """L2-normalised features of uint8 NHWC images (normalised with CLIP's mean/std here)."""
-  fn = jax.jit(lambda v, x: model.apply(v, transforms.normalize(x), normalize=True, method='encode_image'))
+  fn = _image_encoder(model)
   return _batched(lambda x: fn(variables, jnp.asarray(x)), images, batch_size)
 
 

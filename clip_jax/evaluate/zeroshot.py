@@ -11,6 +11,7 @@ features [N, D]; `text_encoder(model, variables)` builds one from a clip_jax
 model (`model.apply(variables, tokens, method=model.encode_text)`).
 """
 
+import functools
 import importlib.resources
 import json
 import string
@@ -116,9 +117,15 @@ def build_classifier(encode_text: Callable, classnames: Sequence[str], templates
   return _l2_normalize(sums / num_templates).T
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_encode_text(model) -> Callable:
+  # One compilation per model (modules hash by their fields), however often evaluation runs.
+  return jax.jit(lambda v, tokens: model.apply(v, tokens, method=model.encode_text))
+
+
 def text_encoder(model, variables) -> Callable:
   """encode_text for build_classifier from a clip_jax model and its variables (jitted)."""
-  apply = jax.jit(lambda v, tokens: model.apply(v, tokens, method=model.encode_text))
+  apply = _jitted_encode_text(model)
   return lambda tokens: apply(variables, tokens)
 
 
