@@ -114,7 +114,8 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   return state, out['data']
 
 
-def read_config(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, int]:
+def _open(workdir: str, step: Optional[int]) -> tuple[ocp.CheckpointManager, int]:
+  """A read-only manager and the step to read (latest by default), or a clear error."""
   mngr = manager(workdir, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None:
@@ -122,8 +123,12 @@ def read_config(workdir: str, step: Optional[int] = None) -> tuple[ml_collection
   if step not in mngr.all_steps():
     raise FileNotFoundError(f'no checkpoint for step {step} in {checkpoint_dir(workdir)}; '
                             f'available: {sorted(mngr.all_steps())}')
+  return mngr, step
+
+
+def _read_config(mngr: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
   raw = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
-  return _config_from_json(raw), step
+  return _config_from_json(raw)
 
 
 def _config_from_json(raw: Any) -> ml_collections.ConfigDict:
@@ -143,10 +148,10 @@ def load(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.Confi
   Needs neither the optimizer state nor the mesh the run trained on.
   """
   from clip_jax import models  # pylint: disable=g-import-not-at-top
-  config, step = read_config(workdir, step)
+  mngr, step = _open(workdir, step)
+  config = _read_config(mngr, step)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                         models.abstract_variables(config.model))
-  mngr = manager(workdir, read_only=True)
   variables = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))['variables']
   return config, jax.tree.map(np.asarray, variables)

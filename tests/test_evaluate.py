@@ -100,7 +100,7 @@ def test_repeated_evaluation_compiles_once(tiny_run):
   config, variables = checkpoint.load(str(tiny_run))
   config.eval.num_zeroshot, config.eval.num_retrieval = 20, 20
   model = models.build(config.model)
-  compiled = lambda: (embed._image_encoder(model)._cache_size(),  # pylint: disable=protected-access
+  compiled = lambda: (embed._image_encoder(model, False)._cache_size(),  # pylint: disable=protected-access
                       zeroshot._jitted_encode_text(model)._cache_size())  # pylint: disable=protected-access
   digits_eval.evaluate(model, variables, config)
   first = compiled()

@@ -7,12 +7,8 @@ trained run's latest (or --step) checkpoint; prints top-1 and top-5.
 import argparse
 import sys
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
 from clip_jax import checkpoint, models
-from clip_jax.evaluate import folder, zeroshot
+from clip_jax.evaluate import embed, folder, zeroshot
 
 
 def _zeroshot(args) -> dict:
@@ -23,9 +19,7 @@ def _zeroshot(args) -> dict:
   images, labels, classes = folder.load(args.images, config.model.vision.image_size)
   classifier = zeroshot.build_classifier(zeroshot.text_encoder(model, variables), classes, templates,
                                          context_length=config.model.text.context_length)
-  encode = jax.jit(lambda v, x: model.apply(v, x, normalize=True, method='encode_image'))
-  feats = np.concatenate([np.asarray(encode(variables, jnp.asarray(images[i:i + args.batch_size])))
-                          for i in range(0, len(images), args.batch_size)])
+  feats = embed.image_features(model, variables, images, args.batch_size, normalized=True)
   k = min(5, len(classes))
   topk, _ = zeroshot.predict(feats, classifier, k=k)
   acc = zeroshot.accuracy(topk, labels, ks=sorted({1, k}))

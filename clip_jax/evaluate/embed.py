@@ -24,14 +24,17 @@ def _batched(fn: Callable, inputs: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _image_encoder(model) -> Callable:
+def _image_encoder(model, normalized: bool = False) -> Callable:
   """One jitted encoder per model (modules hash by their fields), so periodic evals compile once."""
-  return jax.jit(lambda v, x: model.apply(v, transforms.normalize(x), normalize=True, method='encode_image'))
+  prepare = (lambda x: x) if normalized else transforms.normalize
+  return jax.jit(lambda v, x: model.apply(v, prepare(x), normalize=True, method='encode_image'))
 
 
-def image_features(model, variables, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-  """L2-normalised features of uint8 NHWC images (normalised with CLIP's mean/std here)."""
-  fn = _image_encoder(model)
+def image_features(model, variables, images: np.ndarray, batch_size: int = 256,
+                   normalized: bool = False) -> np.ndarray:
+  """L2-normalised features of NHWC images: uint8 (normalised with CLIP's mean/std here), or
+  float already normalised (`normalized=True`, e.g. from transforms.preprocess)."""
+  fn = _image_encoder(model, normalized)
   return _batched(lambda x: fn(variables, jnp.asarray(x)), images, batch_size)
 
 
