@@ -26,3 +26,17 @@ def image_index(split, n):
   table = {src[i]['image'].tobytes(): i for i in range(n)}
   assert len(table) == n
   return table
+
+
+def assert_eval_resumes_mid_pass(c, num_batches):
+  """After one eval batch, a new iterator given the state yields exactly the rest of the pass."""
+  it = make(c, train=False)
+  next(it)
+  state = it.get_state()
+  rest = list(it)
+  resumed = make(c, train=False)
+  resumed.set_state(state)
+  got = list(resumed)
+  assert len(got) == len(rest) == num_batches
+  for a, b in zip(got, rest):
+    assert_batches_equal(a, b)

@@ -7,7 +7,7 @@ from clip_jax.data import augment
 from clip_jax.data import digits
 from clip_jax.data import pipeline
 from clip_jax.data import tokenizer
-from pipeline_helpers import L, assert_batches_equal, image_index, make
+from pipeline_helpers import L, assert_batches_equal, assert_eval_resumes_mid_pass, image_index, make
 
 # grain and array-record are dependencies; an install without them skips, not fails.
 pytest.importorskip('grain')
@@ -140,16 +140,7 @@ def test_exact_resume_mid_epoch_and_across_epochs():
 
 def test_eval_resume_mid_pass():
   c = digits_config(num_test=30)
-  it = make(c, train=False)
-  next(it)
-  state = it.get_state()
-  rest = list(it)
-  resumed = make(c, train=False)
-  resumed.set_state(state)
-  got = list(resumed)
-  assert len(got) == len(rest) == 3
-  for a, b in zip(got, rest):
-    assert_batches_equal(a, b)
+  assert_eval_resumes_mid_pass(c, num_batches=3)
 
 
 def test_processes_read_disjoint_shares_covering_each_epoch():

@@ -15,7 +15,7 @@ from clip_jax.data import augment  # noqa: E402
 from clip_jax.data import digits  # noqa: E402
 from clip_jax.data import pipeline  # noqa: E402
 from clip_jax.data import tokenizer  # noqa: E402
-from pipeline_helpers import L, assert_batches_equal, image_index, make  # noqa: E402
+from pipeline_helpers import L, assert_batches_equal, assert_eval_resumes_mid_pass, image_index, make  # noqa: E402
 
 logging.getLogger('absl').setLevel(logging.ERROR)  # TFDS deprecation chatter
 
@@ -142,16 +142,7 @@ def test_eval_covers_every_example_once_with_padding(data_dir):
 
 def test_eval_resume_mid_pass(data_dir):
   c = digits_config(data_dir)
-  it = make(c, train=False)
-  next(it)
-  state = it.get_state()
-  rest = list(it)
-  resumed = make(c, train=False)
-  resumed.set_state(state)
-  got = list(resumed)
-  assert len(got) == len(rest) == 3
-  for a, b in zip(got, rest):
-    assert_batches_equal(a, b)
+  assert_eval_resumes_mid_pass(c, num_batches=3)
 
 
 def test_crop_keeps_masks_and_boxes_consistent(data_dir):
