@@ -124,6 +124,28 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   return Setup(config, mesh, rules, model, objective, optimizer, schedule, abstract, shardings, init_state)
 
 
+def jit_step(s: Setup):
+  """The jitted train step for `s`: state shardings in and out, the state donated."""
+  return jax.jit(make_step(s.model, s.objective, s.optimizer, s.schedule),
+                 in_shardings=(s.state_shardings, None), out_shardings=(s.state_shardings, None),
+                 donate_argnums=0)
+
+
+def abstract_batch(s: Setup) -> dict:
+  """Shapes, dtypes and shardings of the global batch the step takes (for AOT compilation)."""
+  c = s.config
+  spec = pipeline.batch_spec(c.model.vision.image_size, c.model.text.context_length, max_objects=None)
+  missing = [k for k in s.objective.batch_keys if k not in spec]
+  if missing:
+    raise ValueError(f'abstract_batch: no shape known for batch fields {missing}')
+  out = {}
+  for key in s.objective.batch_keys:
+    shape, dtype = spec[key]
+    out[key] = jax.ShapeDtypeStruct((c.batch_size,) + tuple(shape), dtype,
+                                    sharding=sharding.batch_sharding(s.mesh, 1 + len(shape)))
+  return out
+
+
 def global_batch(mesh, local: dict) -> dict:
   """This process's numpy batch -> global arrays sharded over the batch axes."""
   return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
@@ -160,9 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   writer = run_logging.MetricsWriter(workdir, tensorboard=config.get('tensorboard', True))
   data = pipeline.make_iterator(config.data, batch_size=config.batch_size, image_size=config.model.vision.image_size,
                                 context_length=config.model.text.context_length, seed=config.seed, train=True)
-  step_fn = jax.jit(make_step(s.model, s.objective, s.optimizer, s.schedule),
-                    in_shardings=(s.state_shardings, None), out_shardings=(s.state_shardings, None),
-                    donate_argnums=0)
+  step_fn = jit_step(s)
   start = mngr.latest_step()
   with sharding.use(s.mesh, s.rules):
     if start is None:
