@@ -73,6 +73,9 @@ class DataStateRestore(ocp.args.CheckpointArgs):
 # ---- the manager -------------------------------------------------------------
 
 def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints; a bucket URL (gs://...) stays a URL, a local path becomes absolute."""
+  if '://' in str(workdir):
+    return str(workdir).rstrip('/') + '/checkpoints'
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 

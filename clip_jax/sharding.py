@@ -40,6 +40,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ('norm', None),           # norm scales / biases
     ('qkv', None),            # the size-3 q/k/v axis of packed projections
     ('pos', None),            # positional-embedding rows
+    ('layers', None),         # the stacked-blocks axis of scanned transformers (scan_layers)
     # --- activations ---
     ('act_batch', BATCH_AXES),
     ('act_length', None),

@@ -30,6 +30,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.total_steps = 800
   c.log_every_steps = 50
   c.max_bad_steps = 20
+  c.grad_accum_steps = 1  # > 1: exact GradCache accumulation over that many micro-batches
   c.tensorboard = True
 
   # A narrow ModifiedResNet on the 64x64 canvases: from scratch on ~100k examples its
@@ -43,7 +44,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
       act='quick_gelu')
 
   c.tasks = ml_collections.ConfigDict()
-  c.tasks.contrastive = dict(weight=1.0, loss='softmax')
+  # chunked=True: ring losses (no device holds a row block of the batch's logits).
+  c.tasks.contrastive = dict(weight=1.0, loss='softmax', chunked=False)
 
   c.optim = optim.default_config()
   c.optim.lr = 2e-3

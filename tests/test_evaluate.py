@@ -100,8 +100,8 @@ def test_repeated_evaluation_compiles_once(tiny_run):
   config, variables = checkpoint.load(str(tiny_run))
   config.eval.num_zeroshot, config.eval.num_retrieval = 20, 20
   model = models.build(config.model)
-  compiled = lambda: (embed._image_encoder(model, False)._cache_size(),  # pylint: disable=protected-access
-                      zeroshot._jitted_encode_text(model)._cache_size())  # pylint: disable=protected-access
+  compiled = lambda: (embed.jitted(model, 'encode_image', None, uint8_images=True, normalize=True)._cache_size(),  # pylint: disable=protected-access
+                      embed.jitted(model, 'encode_text', None)._cache_size())  # pylint: disable=protected-access
   digits_eval.evaluate(model, variables, config)
   first = compiled()
   digits_eval.evaluate(models.build(config.model), variables, config)  # an equal module: same cache entries

@@ -13,7 +13,7 @@ import numpy as np
 
 from clip_jax.convert import mapping as m
 from clip_jax import models
-from clip_jax.models import zoo
+from clip_jax.models import layout, zoo
 
 _IGNORED = re.compile(r'position_ids$')
 
@@ -96,14 +96,19 @@ def hf_config(config: ml_collections.ConfigDict) -> dict:
                          projection_dim=config.embed_dim))
 
 
-def from_hf_clip(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any]):
-  """(model_config, variables) from a transformers CLIPModel state dict and its config dict."""
+def from_hf_clip(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], scan_layers: bool = False):
+  """(model_config, variables) from a transformers CLIPModel state dict and its config dict.
+
+  `scan_layers=True` returns a config with model.scan_layers set and the
+  variables in its stacked layout.
+  """
   config = config_from_hf(hf_config)
   variables = m.from_state_dict(dict(state_dict), rules(config), models.abstract_variables(config),
                                 ignore=_IGNORED.search, what='Hugging Face CLIPModel state dict')
-  return config, variables
+  config.scan_layers = bool(scan_layers)
+  return config, layout.from_loop(variables, config)
 
 
 def to_hf_clip(config: ml_collections.ConfigDict, variables: Mapping) -> dict[str, np.ndarray]:
   """A state dict that transformers' CLIPModel(CLIPConfig(**hf_config(config))) loads strictly."""
-  return m.to_state_dict(variables, rules(config))
+  return m.to_state_dict(layout.to_loop(variables, config), rules(config))

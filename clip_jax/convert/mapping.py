@@ -163,5 +163,6 @@ def to_state_dict(variables: Mapping, rules: Iterable[Rule]) -> dict[str, np.nda
   for rule in rules:
     values = rule.to_torch(np.asarray(_get(variables, rule.path), dtype=np.float32))
     for key, value in zip(rule.keys, values):
-      out[key] = np.ascontiguousarray(value)
+      value = np.asarray(value)
+      out[key] = np.ascontiguousarray(value).reshape(value.shape)  # ascontiguousarray makes 0-d arrays 1-d
   return out

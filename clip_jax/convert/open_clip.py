@@ -14,7 +14,7 @@ import numpy as np
 
 from clip_jax import models
 from clip_jax.convert import mapping as m
-from clip_jax.models import zoo
+from clip_jax.models import layout, zoo
 
 # Metadata entries of OpenAI's TorchScript archives, and torch BN counters.
 _IGNORED = re.compile(r'^(input_resolution|context_length|vocab_size)$|num_batches_tracked$|^attn_mask$')
@@ -129,22 +129,25 @@ def rules(config: ml_collections.ConfigDict) -> list:
   return out
 
 
-def from_open_clip(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_width: int = 64):
+def from_open_clip(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_width: int = 64,
+                   scan_layers: bool = False):
   """(model_config, variables) from an OpenAI or open_clip CLIP state dict.
 
   Accepts torch tensors or numpy arrays in any float dtype (fp16 checkpoints
-  are upcast to the config's param dtype).
+  are upcast to the config's param dtype). `scan_layers=True` returns a config
+  with model.scan_layers set and the variables in its stacked layout.
   """
   sd = _strip_prefixes(state_dict)
   config = infer_config(sd, act=act, head_width=head_width)
   variables = m.from_state_dict(sd, rules(config), models.abstract_variables(config), ignore=_IGNORED.search,
                                 what='open_clip state dict')
-  return config, variables
+  config.scan_layers = bool(scan_layers)
+  return config, layout.from_loop(variables, config)
 
 
 def to_open_clip(config: ml_collections.ConfigDict, variables: Mapping) -> dict[str, np.ndarray]:
   """A state dict that open_clip's matching model loads with strict=True."""
-  sd = m.to_state_dict(variables, rules(config))
+  sd = m.to_state_dict(layout.to_loop(variables, config), rules(config))
   for key in [k for k in sd if k.endswith('.running_mean')]:
     sd[key[:-len('running_mean')] + 'num_batches_tracked'] = np.zeros((), np.int64)
   return sd

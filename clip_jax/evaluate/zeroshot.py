@@ -11,7 +11,6 @@ features [N, D]; `text_encoder(model, variables)` builds one from a clip_jax
 model (`model.apply(variables, tokens, method=model.encode_text)`).
 """
 
-import functools
 import importlib.resources
 import json
 import string
@@ -22,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax.data import tokenizer
+from clip_jax.evaluate import embed
 
 LOGIT_SCALE = 100.0  # CLIP's trained temperature is clamped at 100; zero-shot uses it as is
 
@@ -117,16 +117,10 @@ def build_classifier(encode_text: Callable, classnames: Sequence[str], templates
   return _l2_normalize(sums / num_templates).T
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_encode_text(model) -> Callable:
-  # One compilation per model (modules hash by their fields), however often evaluation runs.
-  return jax.jit(lambda v, tokens: model.apply(v, tokens, method=model.encode_text))
-
-
 def text_encoder(model, variables) -> Callable:
-  """encode_text for build_classifier from a clip_jax model and its variables (jitted)."""
-  apply = _jitted_encode_text(model)
-  return lambda tokens: apply(variables, tokens)
+  """encode_text for build_classifier from a clip_jax model and its variables (jitted once per
+  model; host numpy in and out, on any mesh and any number of processes)."""
+  return embed.encoder(model, variables, 'encode_text')
 
 
 def predict(image_features, classifier, k: int = 5) -> Tuple[jnp.ndarray, jnp.ndarray]:

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from clip_jax.layers import remat as remat_lib
 from clip_jax.layers.attention import MultiHeadAttention
 from clip_jax.layers.initializers import normal, param_with_axes
 
@@ -95,6 +96,7 @@ class ModifiedResNet(nn.Module):
   width: int
   output_dim: int
   num_heads: Optional[int] = None  # default: width * 32 // 64, as CLIP
+  remat: str = 'none'  # clip_jax.layers.remat policy of each bottleneck block
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -109,11 +111,13 @@ class ModifiedResNet(nn.Module):
                          nn.initializers.he_normal(), (None, None, 'conv_in', 'conv_out')), **kw)
       x = nn.relu(_bn(f'bn{i}', train, **kw)(conv(x)))
     x = _avg_pool(x, 2)
+    # `train` is closed over: remat traces its arguments and BatchNorm needs a Python bool.
+    run = remat_lib.checkpointed(lambda block, h: block(h, train), self.remat)
     for stage, blocks in enumerate(self.layers):
       planes = self.width * 2 ** stage
       for j in range(blocks):
         stride = 1 if stage == 0 or j > 0 else 2
-        x = Bottleneck(planes, stride, name=f'layer{stage + 1}_{j}', **kw)(x, train)
+        x = run(Bottleneck(planes, stride, name=f'layer{stage + 1}_{j}', **kw), x)
     grid = x
     heads = self.num_heads or self.width * 32 // 64
     pooled = AttentionPool2d(heads, self.output_dim, name='attnpool', **kw)(x)

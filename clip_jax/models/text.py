@@ -29,6 +29,8 @@ class TextTransformer(nn.Module):
   ln_eps: float = 1e-5
   eot_token_id: Optional[int] = None  # None: the largest id marks the end (CLIP's BPE)
   attn_implementation: Optional[str] = None
+  remat: str = 'none'         # clip_jax.layers.remat policy of each residual block
+  scan_layers: bool = False   # nn.scan over the blocks (see clip_jax.layers.transformer)
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -49,7 +51,8 @@ class TextTransformer(nn.Module):
     x = x + pos[:length].astype(self.dtype)
     x = nn.with_logical_constraint(x, ('act_batch', 'act_length', 'act_embed'))
     x = Transformer(self.layers, self.num_heads, self.mlp_dim, act=self.act, ln_eps=self.ln_eps,
-                    attn_implementation=self.attn_implementation, name='transformer', **kw)(x, causal=True)
+                    attn_implementation=self.attn_implementation, remat=self.remat,
+                    scan_layers=self.scan_layers, name='transformer', **kw)(x, causal=True)
     x = LayerNorm(epsilon=self.ln_eps, name='ln_final', **kw)(x)
     proj = param_with_axes(self, 'text_projection', normal(self.width ** -0.5), (self.width, self.output_dim),
                            self.param_dtype, ('embed', 'joint'))

@@ -6,7 +6,21 @@ A model config is an `ml_collections.ConfigDict`:
   embed_dim       joint image-text embedding width
   act             MLP activation of both transformers: 'quick_gelu' (OpenAI) or 'gelu' (open_clip)
   init_logit_scale, init_logit_bias (None, or SigLIP's -10)
-  dtype, param_dtype  compute and parameter dtypes ('float32', 'bfloat16')
+  dtype, param_dtype  compute and parameter dtypes ('float32', 'bfloat16', 'float16'). Mixed
+                  precision is dtype='bfloat16' with param_dtype='float32': parameters and
+                  optimizer state stay float32 and are cast to bfloat16 where used, so the
+                  matmuls and convolutions run in bfloat16; LayerNorm statistics, attention
+                  softmax, the normalised features and the losses stay float32.
+  remat           rematerialisation of each residual block (ViT and text towers) and each
+                  ModifiedResNet bottleneck, trading backward-pass compute for activation
+                  memory: 'none' (default), 'full' (keep only block inputs), 'dots' (keep
+                  matmul outputs), 'dots_no_batch' (keep the weight matmuls, recompute
+                  attention's batched products); see clip_jax.layers.remat
+  scan_layers     False (default): transformer blocks in a Python loop (resblocks_{i}); True:
+                  one nn.scan over the blocks, parameters stacked on a leading 'layers' axis
+                  (resblocks), so compile time does not grow with depth. Applies to the
+                  transformer towers only (a ModifiedResNet's stages differ in shape).
+                  clip_jax.models.layout converts variables between the two layouts.
   attn_implementation None (let JAX choose), 'xla' or 'cudnn'
   vision          kind='vit':    image_size, patch_size, width, layers, heads, mlp_dim
                   kind='resnet': image_size, layers (4 ints), width, heads
@@ -18,6 +32,8 @@ import math
 from typing import Optional, Sequence
 
 import ml_collections
+
+from clip_jax.layers import remat as remat_lib
 
 VOCAB_SIZE = 49408
 CONTEXT_LENGTH = 77
@@ -46,7 +62,7 @@ def clip_config(embed_dim: int, vision: dict, text: dict, act: str = 'quick_gelu
   return ml_collections.ConfigDict(dict(
       name='clip', embed_dim=embed_dim, act=act, init_logit_scale=math.log(1 / 0.07),
       init_logit_bias=init_logit_bias, dtype='float32', param_dtype='float32', attn_implementation=None,
-      vision=vision, text=text))
+      remat='none', scan_layers=False, vision=vision, text=text))
 
 
 def _openai(embed_dim, vision, text_width, text_heads):
@@ -107,3 +123,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for dtype_field in ('dtype', 'param_dtype'):
     if config[dtype_field] not in ('float32', 'bfloat16', 'float16'):
       raise ValueError(f"model.{dtype_field}={config[dtype_field]!r}: use 'float32' or 'bfloat16'")
+  # .get: configs saved before these fields existed keep today's behaviour.
+  remat_lib.check(config.get('remat', 'none'))
+  scan_layers = config.get('scan_layers', False)
+  if not isinstance(scan_layers, bool):
+    raise ValueError(f'model.scan_layers={scan_layers!r}: use True (nn.scan over the transformer blocks) or False')

@@ -22,6 +22,11 @@ class Task(abc.ABC):
   """One objective. Subclasses are frozen dataclasses configured from `config.tasks.<name>`."""
 
   name: str = 'task'
+  batch_keys: Sequence[str] = ()  # batch fields the task reads beyond its model forward's
+
+  def check(self, config) -> None:
+    """Raises ValueError for a run config this task cannot train with (called once, at setup)."""
+    del config
 
   @abc.abstractmethod
   def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
@@ -50,6 +55,11 @@ class Objective:
   def __call__(self, model, variables, batch, *, train: bool, rngs: dict):
     """(total loss, metrics, updated mutable collections); metrics are prefixed by task name."""
     outputs, updates = self.forward(model, variables, batch, train=train, rngs=rngs)
+    total, metrics = self.loss(outputs, batch)
+    return total, metrics, updates
+
+  def loss(self, outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> tuple[jax.Array, dict]:
+    """(weighted total loss, metrics) of the forward's outputs for the global batch."""
     total = jnp.zeros((), jnp.float32)
     metrics: dict[str, Any] = {}
     for weight, task in self.tasks:
@@ -58,7 +68,7 @@ class Objective:
       metrics[f'{task.name}/loss'] = loss
       metrics.update({f'{task.name}/{k}': v for k, v in task_metrics.items()})
     metrics.update({k: v for k, v in outputs.items() if k in ('logit_scale', 'logit_bias')})
-    return total, metrics, updates
+    return total, metrics
 
   def evaluate(self, model, variables, config) -> dict[str, float]:
     results = {}

@@ -4,6 +4,7 @@ import dataclasses
 
 from clip_jax.data import transforms
 from clip_jax.losses import contrastive as losses
+from clip_jax.losses import ring
 from clip_jax.tasks.base import Task
 
 
@@ -22,24 +23,36 @@ def clip_forward(model, variables, batch, *, train: bool, rngs: dict):
 
 @dataclasses.dataclass(frozen=True)
 class ContrastiveTask(Task):
-  """`config.tasks.contrastive`: loss = 'softmax' (CLIP) or 'sigmoid' (SigLIP; needs model.init_logit_bias)."""
+  """`config.tasks.contrastive`: loss = 'softmax' (CLIP) or 'sigmoid' (SigLIP; needs model.init_logit_bias).
+
+  `chunked=True` computes the loss and the i2t_top1 metric with the ring
+  versions (`losses/ring.py`): the same values and gradients, but each device
+  only ever holds b x b blocks of logits (b = batch per batch shard) instead
+  of its b x B rows, for global batches whose logits would not fit.
+  """
   loss_type: str = 'softmax'
+  chunked: bool = False
   name: str = 'contrastive'
 
   def __post_init__(self):
     if self.loss_type not in ('softmax', 'sigmoid'):
       raise ValueError(f"tasks.contrastive.loss={self.loss_type!r}: use 'softmax' (CLIP) or 'sigmoid' (SigLIP)")
+    if not isinstance(self.chunked, bool):
+      raise ValueError(f'tasks.contrastive.chunked={self.chunked!r}: use True (ring losses) or False (global)')
 
   def loss(self, outputs, batch):
     img, txt, scale = outputs['image_features'], outputs['text_features'], outputs['logit_scale']
+    softmax, sigmoid, top1 = ((ring.ring_softmax_loss, ring.ring_sigmoid_loss, ring.ring_retrieval_accuracy)
+                              if self.chunked else
+                              (losses.softmax_loss, losses.sigmoid_loss, losses.retrieval_accuracy))
     if self.loss_type == 'softmax':
-      loss = losses.softmax_loss(img, txt, scale)
+      loss = softmax(img, txt, scale)
     else:
       if 'logit_bias' not in outputs:
         raise ValueError("tasks.contrastive.loss='sigmoid' needs a logit bias: set model.init_logit_bias "
                          '(SigLIP uses -10.0)')
-      loss = losses.sigmoid_loss(img, txt, scale, outputs['logit_bias'])
-    return loss, {'i2t_top1': losses.retrieval_accuracy(img, txt)}
+      loss = sigmoid(img, txt, scale, outputs['logit_bias'])
+    return loss, {'i2t_top1': top1(img, txt)}
 
   def evaluate(self, model, variables, config):
     from clip_jax.evaluate import digits as digits_eval  # pylint: disable=g-import-not-at-top

@@ -1,11 +1,12 @@
 """Run logs: metrics.jsonl, TensorBoard event files, the start-up summary."""
 
 import json
+import logging
 import math
-import os
 import time
 from typing import Any, Mapping
 
+from etils import epath
 import jax
 import numpy as np
 
@@ -14,7 +15,9 @@ class MetricsWriter:
   """Appends one JSON object per logged step to WORKDIR/metrics.jsonl and mirrors it to TensorBoard.
 
   Only process 0 writes. The JSON log is appended (not truncated), so a
-  resumed run continues the same file.
+  resumed run continues the same file. WORKDIR may be a bucket URL (gs://...,
+  through etils.epath): object stores cannot append, so there the file is
+  rewritten whole at each write (a long run logs a few thousand rows).
   """
 
   def __init__(self, workdir: str, tensorboard: bool = True):
@@ -22,13 +25,22 @@ class MetricsWriter:
     self._tb = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    self._file = open(os.path.join(workdir, 'metrics.jsonl'), 'a', encoding='utf-8')
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
+    self._path = directory / 'metrics.jsonl'
+    self._remote = '://' in str(workdir)
+    self._rows = []
+    if self._remote:
+      self._rows = self._path.read_text().splitlines() if self._path.exists() else []
+    else:
+      self._file = open(self._path, 'a', encoding='utf-8')
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
-      except ImportError:  # optional: the JSON log is the record of the run
+        self._tb = SummaryWriter(str(directory / 'tensorboard'))
+      except Exception as e:  # optional (not installed, or no writer for this filesystem): the JSON log is the record
+        if not isinstance(e, ImportError):
+          logging.getLogger(__name__).warning('no TensorBoard events for %s: %s', workdir, e)
         self._tb = None
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -38,8 +50,13 @@ class MetricsWriter:
     for key, value in metrics.items():
       value = np.asarray(value)
       row[key] = value.item() if value.size == 1 else value.tolist()
-    self._file.write(json.dumps(row, allow_nan=True) + '\n')
-    self._file.flush()
+    line = json.dumps(row, allow_nan=True)
+    if self._remote:
+      self._rows.append(line)
+      self._path.write_text('\n'.join(self._rows) + '\n')
+    else:
+      self._file.write(line + '\n')
+      self._file.flush()
     if self._tb is not None:
       for key, value in row.items():
         if key != 'step' and isinstance(value, (int, float)) and math.isfinite(value):
@@ -48,7 +65,8 @@ class MetricsWriter:
 
   def close(self) -> None:
     if self.enabled:
-      self._file.close()
+      if not self._remote:
+        self._file.close()
       if self._tb is not None:
         self._tb.close()
 

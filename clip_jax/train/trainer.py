@@ -20,8 +20,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from clip_jax import checkpoint, models, sharding, tasks
+from clip_jax import checkpoint, distributed, models, sharding, tasks
 from clip_jax.data import pipeline
+from clip_jax.train import accumulate
 from clip_jax.train import logging as run_logging
 from clip_jax.train import optim
 from clip_jax.train import state as state_lib
@@ -35,11 +36,23 @@ class TrainingError(RuntimeError):
 
 def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   """Checks the run-level fields against this machine; returns the mesh shape."""
-  mesh_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  try:
+    mesh_shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+  except ValueError as e:
+    if jax.process_count() == 1:
+      raise
+    raise ValueError(f'{e} ({jax.process_count()} processes with {jax.local_device_count()} devices each)') from None
   data, fsdp, _ = mesh_shape
   if config.batch_size % (data * fsdp):
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the batch-sharding axes '
                      f'data*fsdp = {data}*{fsdp} = {data * fsdp}; choose a multiple of {data * fsdp}')
+  accum = config.get('grad_accum_steps', 1)
+  if not isinstance(accum, int) or accum < 1:
+    raise ValueError(f'grad_accum_steps={accum!r} must be a positive integer (1 = no accumulation)')
+  if config.batch_size % (data * fsdp * accum):
+    raise ValueError(f'batch_size={config.batch_size} must split into grad_accum_steps={accum} micro-batches '
+                     f'that each divide over data*fsdp = {data * fsdp} devices: choose a multiple of '
+                     f'{data * fsdp * accum}')
   if config.batch_size % jax.process_count():
     raise ValueError(f'batch_size={config.batch_size} is not divisible by the process count {jax.process_count()}')
   for field in ('total_steps', 'checkpoint.every_steps', 'log_every_steps', 'max_bad_steps'):
@@ -51,8 +64,12 @@ def validate(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
   return mesh_shape
 
 
-def make_step(model, objective, optimizer, schedule):
-  """The pure train step. A non-finite loss or gradient leaves the state untouched (but counts)."""
+def make_step(model, objective, optimizer, schedule, grad_accum_steps: int = 1):
+  """The pure train step. A non-finite loss or gradient leaves the state untouched (but counts).
+
+  With grad_accum_steps > 1 the gradient is GradCache's (train/accumulate.py): the exact
+  big-batch gradient, with the activation memory of one micro-batch.
+  """
 
   def step(state: state_lib.TrainState, batch: dict):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -63,7 +80,11 @@ def make_step(model, objective, optimizer, schedule):
       loss, metrics, updates = objective(model, variables, batch, train=True, rngs=rngs)
       return loss, (metrics, updates)
 
-    (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if grad_accum_steps > 1:
+      loss, metrics, updates, grads = accumulate.gradcache(
+          objective, model, state.params, state.model_state, state.frozen, batch, rngs, grad_accum_steps)
+    else:
+      (loss, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     grad_norm = optax.global_norm(grads)
     param_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, param_updates)
@@ -99,6 +120,7 @@ class Setup:
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
   mesh = sharding.make_mesh(*validate(config))
+  distributed.check_process_layout(mesh, sharding.BATCH_AXES)
   rules = sharding.axis_rules(config.mesh.get('rules'))
   model = models.build(config.model)
   objective = tasks.build_objective(config)
@@ -126,7 +148,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
 
 def jit_step(s: Setup):
   """The jitted train step for `s`: state shardings in and out, the state donated."""
-  return jax.jit(make_step(s.model, s.objective, s.optimizer, s.schedule),
+  return jax.jit(make_step(s.model, s.objective, s.optimizer, s.schedule, s.config.get('grad_accum_steps', 1)),
                  in_shardings=(s.state_shardings, None), out_shardings=(s.state_shardings, None),
                  donate_argnums=0)
 
@@ -134,7 +156,9 @@ def jit_step(s: Setup):
 def abstract_batch(s: Setup) -> dict:
   """Shapes, dtypes and shardings of the global batch the step takes (for AOT compilation)."""
   c = s.config
-  spec = pipeline.batch_spec(c.model.vision.image_size, c.model.text.context_length, max_objects=None)
+  prompts = c.data.get('prompts')
+  spec = pipeline.batch_spec(c.model.vision.image_size, c.model.text.context_length, max_objects=None,
+                             max_prompts=prompts.max_prompts if prompts else 0)
   missing = [k for k in s.objective.batch_keys if k not in spec]
   if missing:
     raise ValueError(f'abstract_batch: no shape known for batch fields {missing}')
@@ -153,22 +177,38 @@ def global_batch(mesh, local: dict) -> dict:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls: save, then leave cleanly."""
+  """SIGTERM -> save, then leave cleanly, at a step every process agrees on.
+
+  One process: a Python signal handler sets a flag the loop polls. Several
+  processes: each may get the signal at a different step, and a checkpoint
+  save is a collective, so JAX's preemption sync (the coordination service
+  propagates the notice and picks the next step all processes reach) decides;
+  its notifier owns SIGTERM then, so no Python handler is installed.
+  """
 
   def __init__(self):
-    self.requested = False
+    self._requested = False
     self._previous = None
+    self._multi = jax.process_count() > 1
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: preemption is then the caller's business
-      self._previous = None
+    if not self._multi:
+      try:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+      except ValueError:  # not the main thread: preemption is then the caller's business
+        self._previous = None
     return self
 
   def _handle(self, signum, frame):
     del signum, frame
-    self.requested = True
+    self._requested = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call once per step, on every process)."""
+    if self._multi:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return bool(multihost_utils.reached_preemption_sync_point(step))
+    return self._requested
 
   def __exit__(self, *exc):
     if self._previous is not None:
@@ -234,13 +274,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
         pending = (step, metrics)
         if bar is not None:
           bar.update(1)
-        if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preemption.requested:
+        preempted = preemption.reached(step)
+        if step % config.checkpoint.every_steps == 0 or step == config.total_steps or preempted:
           finish_step(*pending)  # never checkpoint past a run of bad steps unchecked
           pending = None
           checkpoint.save(mngr, step, state, data.get_state(), config)
         if config.eval.every_steps and step % config.eval.every_steps == 0 and step < config.total_steps:
           writer.write(step, evaluate(s, state))
-        if preemption.requested:
+        if preempted:
           log.warning('SIGTERM: saved step %d, exiting', step)
           stopped_early = True
           break
