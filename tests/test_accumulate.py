@@ -33,7 +33,7 @@ def max_diff(a, b):
 def test_four_micro_batches_of_32_equal_one_step_of_128(loss):
   # No warmup: the first step has the full learning rate, so it moves the parameters.
   overrides = {'batch_size': 128, 'mesh.data': 2, 'mesh.fsdp': 4, 'tasks.contrastive.loss': loss,
-               'optim.warmup_steps': 0}
+               'optim.warmup_steps': 0, 'model.vision.image_size': 32}
   if loss == 'sigmoid':
     overrides['model.init_logit_bias'] = -10.0
   init, big, big_metrics = one_step(tiny_config(**overrides))
@@ -47,6 +47,7 @@ def test_four_micro_batches_of_32_equal_one_step_of_128(loss):
 def test_batch_statistics_are_updated_with_accumulation():
   config = tiny_config(batch_size=32, grad_accum_steps=2, **{'mesh.data': 8, 'optim.warmup_steps': 0})
   config.model = zoo.get('tiny-rn')
+  config.model.vision.image_size = 32
   config.model.text.context_length = 24
   init, state, metrics = one_step(config)
   assert np.isfinite(metrics['loss']) and metrics['step_applied']
