@@ -13,13 +13,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import numpy as np
 import pytest
 
 from clip_jax import checkpoint
 from conftest import ROOT
-from trainer_helpers import cli_command, cli_env, losses, run_cli, wait_for_checkpoint, wait_for_step
+from trainer_helpers import cli_command, cli_env, losses, max_param_diff, run_cli, wait_for_checkpoint, wait_for_step
 
 STEPS = 24
 FLAGS = (f'--config.total_steps={STEPS}', '--config.checkpoint.every_steps=4', '--config.log_every_steps=1',
@@ -62,10 +61,7 @@ def test_processes_train_the_same_losses_as_one(single, n, tmp_path):
   want, got = losses(single), losses(tmp_path)
   steps = range(1, 21)
   np.testing.assert_allclose([got[s] for s in steps], [want[s] for s in steps], rtol=1e-5)
-  _, a = checkpoint.load(str(single))
-  _, b = checkpoint.load(str(tmp_path))
-  diffs = jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)
-  assert max(jax.tree.leaves(diffs)) <= 1e-5
+  assert max_param_diff(single, tmp_path) <= 1e-5
 
 
 def _pid_of(workdir, process_id, timeout=60):
@@ -95,10 +91,7 @@ def test_killing_one_process_then_restarting_resumes_exactly(single, tmp_path):
   again = run_local(2, tmp_path, *FLAGS)
   assert again.returncode == 0, again.stdout + again.stderr + logs(tmp_path)
   assert f'resumed from step {resumed_from}' in logs(tmp_path)
-  _, want = checkpoint.load(str(single))
-  _, got = checkpoint.load(str(tmp_path))
-  diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got, want)
-  assert max(jax.tree.leaves(diffs)) <= 1e-5, (kill_at, resumed_from, diffs)
+  assert max_param_diff(single, tmp_path) <= 1e-5, (kill_at, resumed_from)
   want_losses, got_losses = losses(single), losses(tmp_path)
   after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_allclose([got_losses[s] for s in after], [want_losses[s] for s in after], rtol=1e-5)

@@ -3,12 +3,11 @@
 import random
 import signal
 
-import jax
 import numpy as np
 import pytest
 
 from clip_jax import checkpoint
-from trainer_helpers import losses, run_cli, start_cli, wait_for_checkpoint, wait_for_step
+from trainer_helpers import losses, max_param_diff, run_cli, start_cli, wait_for_checkpoint, wait_for_step
 
 STEPS = 16
 FLAGS = (f'--config.total_steps={STEPS}', '--config.checkpoint.every_steps=2', '--config.log_every_steps=1',
@@ -35,10 +34,7 @@ def test_sigkill_then_restart_matches_an_uninterrupted_run(loader, tmp_path):
   again = run_cli(killed, *flags)
   assert again.returncode == 0, again.stdout + again.stderr
 
-  _, want = checkpoint.load(str(straight))
-  _, got = checkpoint.load(str(killed))
-  diffs = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), got, want)
-  assert max(jax.tree.leaves(diffs)) <= 1e-6, (kill_at, resumed_from, diffs)
+  assert max_param_diff(straight, killed) <= 1e-6, (kill_at, resumed_from)
   want_losses, got_losses = losses(straight), losses(killed)
   after = range(resumed_from + 1, STEPS + 1)
   np.testing.assert_array_equal([got_losses[s] for s in after], [want_losses[s] for s in after])

@@ -85,3 +85,13 @@ def wait_for_checkpoint(workdir, proc, timeout=240):
       raise AssertionError(f'run ended before its first checkpoint:\n{proc.stdout.read()}')
     time.sleep(0.05)
   raise AssertionError(f'no checkpoint committed in {timeout}s')
+
+
+def max_param_diff(workdir_a, workdir_b) -> float:
+  """Largest absolute difference between the latest checkpointed variables of two runs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from clip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  _, a = checkpoint.load(str(workdir_a))
+  _, b = checkpoint.load(str(workdir_b))
+  return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.abs(x - y).max()), a, b)))

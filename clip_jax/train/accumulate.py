@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clip_jax.train import frozen as frozen_lib
+
 
 def split(tree: Any, k: int) -> Any:
   """[B, ...] leaves -> [k, B/k, ...]; micro-batch j holds rows j, j+k, ..."""
@@ -62,7 +64,7 @@ def gradcache(objective, model, params, model_state: dict, frozen: dict, batch: 
   steps = jnp.arange(k)
 
   def forward(p, state, mb, j):
-    variables = {'params': p, **frozen, **state}
+    variables = frozen_lib.model_variables(p, state, frozen)
     outputs, updates = objective.forward(model, variables, mb, train=True, rngs=_micro_rngs(rngs, j))
     return outputs, {name: updates.get(name, state[name]) for name in state}
 

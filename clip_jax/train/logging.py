@@ -88,10 +88,14 @@ def startup_summary(mesh, abstract_state, state_shardings) -> str:
   lines = [
       f'devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}) over '
       f'{jax.process_count()} process(es)',
-      f'mesh: ' + ', '.join(f'{k}={v}' for k, v in mesh.shape.items()),
+      'mesh: ' + ', '.join(f'{k}={v}' for k, v in mesh.shape.items()),
       f'parameters: {params:,}',
       f'per-device bytes: parameters {pbytes / 2**20:.2f} MiB, optimizer state {obytes / 2**20:.2f} MiB',
   ]
+  for name, tree in sorted(getattr(abstract_state, 'frozen', {}).items()):  # clip_jax.train.frozen
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    fbytes = _per_device_bytes(tree, state_shardings.frozen[name])
+    lines.append(f'frozen {name}: {count:,} values, {fbytes / 2**20:.2f} MiB per device, no optimizer state')
   return '\n'.join(lines)
 
 

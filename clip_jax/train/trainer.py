@@ -8,10 +8,9 @@ creates it in place.
 """
 
 import dataclasses
-import functools
 import logging
 import signal
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -23,8 +22,10 @@ import optax
 from clip_jax import checkpoint, distributed, models, sharding, tasks
 from clip_jax.data import pipeline
 from clip_jax.train import accumulate
+from clip_jax.train import frozen as frozen_lib
 from clip_jax.train import logging as run_logging
 from clip_jax.train import optim
+from clip_jax.train import pretrained
 from clip_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def make_step(model, objective, optimizer, schedule, grad_accum_steps: int = 1):
     rngs = dict(zip(('dropout', 'gumbel', 'augment'), jax.random.split(rng, 3)))
 
     def loss_fn(params):
-      variables = {'params': params, **state.model_state, **state.frozen}
+      variables = frozen_lib.model_variables(params, state.model_state, state.frozen)
       loss, metrics, updates = objective(model, variables, batch, train=True, rngs=rngs)
       return loss, (metrics, updates)
 
@@ -115,7 +116,7 @@ class Setup:
   schedule: Any
   abstract_state: Any
   state_shardings: Any
-  init_state: Any  # rng -> sharded TrainState (jitted)
+  init_state: Any  # rng -> sharded TrainState (jitted), with config.init / config.teacher weights loaded
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -126,13 +127,22 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
   objective = tasks.build_objective(config)
   schedule = optim.schedule(config.optim, config.total_steps)
   optimizer = optim.make(config.optim, config.total_steps)
+  pretrained.check_init(config)
+  frozen_paths = frozen_lib.paths_of(config)
   inputs = [jnp.zeros(x.shape, x.dtype) for x in models.example_inputs(config.model)]
+  teacher_config = pretrained.teacher_config(config)
+  if teacher_config is not None:
+    teacher = models.build(teacher_config)
+    teacher_inputs = [jnp.zeros(x.shape, x.dtype) for x in models.example_inputs(teacher_config)]
 
   def boxed_init(rng):
     variables = model.init(rng, *inputs)
-    params = variables['params']
+    params, fixed = frozen_lib.split(variables['params'], frozen_paths)
     model_state = {k: v for k, v in variables.items() if k != 'params'}
-    return state_lib.create(params, model_state, optimizer, jax.random.fold_in(rng, 1))
+    frozen = {'params': fixed} if fixed else {}
+    if teacher_config is not None:  # random here; pretrained.apply loads its weights
+      frozen[frozen_lib.TEACHER] = teacher.init(jax.random.fold_in(rng, 2), *teacher_inputs)
+    return state_lib.create(params, model_state, optimizer, jax.random.fold_in(rng, 1), frozen)
 
   def init(rng):
     return nn.unbox(boxed_init(rng))
@@ -141,8 +151,12 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     logical = nn.get_partition_spec(jax.eval_shape(boxed_init, jax.random.PRNGKey(0)))
     abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
     shardings = sharding.logical_sharding(logical, abstract, mesh, rules)
-    init_state = jax.jit(init, out_shardings=shardings)
+    random_state = jax.jit(init, out_shardings=shardings)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+  def init_state(rng):
+    return pretrained.apply(random_state(rng), config, config.model, shardings)
+
   return Setup(config, mesh, rules, model, objective, optimizer, schedule, abstract, shardings, init_state)
 
 
@@ -157,7 +171,8 @@ def abstract_batch(s: Setup) -> dict:
   """Shapes, dtypes and shardings of the global batch the step takes (for AOT compilation)."""
   c = s.config
   prompts = c.data.get('prompts')
-  spec = pipeline.batch_spec(c.model.vision.image_size, c.model.text.context_length, max_objects=None,
+  spec = pipeline.batch_spec(c.model.vision.image_size, models.context_length(c.model),
+                             max_objects=c.data.digits.num_digits[1] if c.data.source == 'digits' else None,
                              max_prompts=prompts.max_prompts if prompts else 0)
   missing = [k for k in s.objective.batch_keys if k not in spec]
   if missing:
@@ -221,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
   mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.keep, async_save=config.checkpoint.get('async', True))
   writer = run_logging.MetricsWriter(workdir, tensorboard=config.get('tensorboard', True))
   data = pipeline.make_iterator(config.data, batch_size=config.batch_size, image_size=config.model.vision.image_size,
-                                context_length=config.model.text.context_length, seed=config.seed, train=True)
+                                context_length=models.context_length(config.model), seed=config.seed, train=True)
   step_fn = jit_step(s)
   start = mngr.latest_step()
   with sharding.use(s.mesh, s.rules):
@@ -306,5 +321,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, progress: bool = True
 
 
 def evaluate(s: Setup, state) -> dict:
-  variables = {'params': state.params, **state.model_state}
+  """The tasks' held-out metrics; they see the whole model (frozen parts merged) and any teacher."""
+  variables = frozen_lib.model_variables(state.params, state.model_state, state.frozen)
   return s.objective.evaluate(s.model, variables, s.config)
