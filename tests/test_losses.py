@@ -1,7 +1,6 @@
 """Contrastive losses: values and gradients against open_clip's PyTorch losses, sharded and not."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

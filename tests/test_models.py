@@ -89,7 +89,6 @@ def test_resnet_batch_norm_train_and_eval_modes():
   eval_out = model.apply(variables, images, method='encode_image')
   train_out, updates = model.apply(variables, images, train=True, mutable=['batch_stats'], method='encode_image')
   stats = updates['batch_stats']['vision']['bn1']
-  x = np.asarray(images)
   assert not np.allclose(np.asarray(train_out), np.asarray(eval_out))
   # Running mean moved 10% of the way (torch momentum 0.1) from 0 toward the batch mean.
   assert np.abs(np.asarray(stats['mean'])).max() > 0

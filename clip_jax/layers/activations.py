@@ -1,7 +1,6 @@
 """The MLP activations the CLIP family uses, selectable by name."""
 
 import jax
-import jax.numpy as jnp
 
 
 def quick_gelu(x):

@@ -1,7 +1,7 @@
 """The two-tower CLIP model: an image tower, a text tower, a learnable temperature."""
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import flax.linen as nn
 import jax
