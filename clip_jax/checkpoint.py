@@ -1,11 +1,14 @@
 """orbax checkpoints: the whole run in one atomic, async, keep-N checkpoint.
 
-A checkpoint (one step directory under WORKDIR/checkpoints) holds four items:
+A checkpoint (one step directory under WORKDIR/checkpoints) holds four items,
+and a fifth for a run with a teacher:
 
-  variables  params + mutable model collections (BatchNorm statistics)
+  variables  params (frozen subtrees included: the whole model) + mutable model
+             collections (BatchNorm statistics)
   train      step, optimizer state, RNG, consecutive-bad-step counter
   data       each process's input-iterator position (one file per process)
   config     the run's full config as JSON
+  teacher    the frozen teacher's variables (config.teacher; clip_jax.train.frozen)
 
 Splitting `variables` from `train` lets `load()` read a model for evaluation
 or export without the optimizer state. orbax writes into a temporary
@@ -23,6 +26,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from clip_jax.train import frozen as frozen_lib
 
 
 # ---- per-process input-iterator state -------------------------------------
@@ -84,36 +89,53 @@ def manager(workdir: str, max_to_keep: int = 3, async_save: bool = True,
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                          create=not read_only, read_only=read_only)
   return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options, item_names=('variables', 'train', 'data', 'config'),
+      checkpoint_dir(workdir), options=options, item_names=('variables', 'train', 'data', 'config', 'teacher'),
       item_handlers={'data': DataStateHandler()})
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
-  return json.loads(config.to_json_best_effort())
+  out = json.loads(config.to_json_best_effort())
+  teacher = out.get('teacher')
+  if isinstance(teacher, dict) and not teacher.get('model'):
+    # The teacher's architecture came from its source run: saved here, so the checkpoint stands alone.
+    from clip_jax.train import pretrained  # pylint: disable=g-import-not-at-top
+    teacher['model'] = json.loads(pretrained.teacher_config(config).to_json_best_effort())
+  return out
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: bytes,
          config: ml_collections.ConfigDict, force: bool = False) -> bool:
-  """Starts an (async) save of the whole run at `step`."""
-  variables = {'params': state.params, **state.model_state}
+  """Starts an (async) save of the whole run at `step`; frozen variables are saved once, without optimizer state."""
+  variables = {'params': frozen_lib.merge(state.params, state.frozen.get('params', {})), **state.model_state}
   train = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng, 'bad_steps': state.bad_steps}
-  return mngr.save(step, force=force, args=ocp.args.Composite(
-      variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
-      data=DataStateSave(data_state), config=ocp.args.JsonSave(_config_json(config))))
+  items = dict(variables=ocp.args.StandardSave(variables), train=ocp.args.StandardSave(train),
+               data=DataStateSave(data_state), config=ocp.args.JsonSave(_config_json(config)))
+  if frozen_lib.TEACHER in state.frozen:
+    items['teacher'] = ocp.args.StandardSave(state.frozen[frozen_lib.TEACHER])
+  return mngr.save(step, force=force, args=ocp.args.Composite(**items))
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
   """(state, data iterator state) restored onto the shardings of `abstract_state`'s leaves."""
-  abstract_vars = {'params': abstract_state.params, **abstract_state.model_state}
+  frozen = abstract_state.frozen
+  abstract_vars = {'params': frozen_lib.merge(abstract_state.params, frozen.get('params', {})),
+                   **abstract_state.model_state}
   abstract_train = {'step': abstract_state.step, 'opt_state': abstract_state.opt_state,
                     'rng': abstract_state.rng, 'bad_steps': abstract_state.bad_steps}
-  out = mngr.restore(step, args=ocp.args.Composite(
-      variables=ocp.args.StandardRestore(abstract_vars), train=ocp.args.StandardRestore(abstract_train),
-      data=DataStateRestore()))
+  items = dict(variables=ocp.args.StandardRestore(abstract_vars), train=ocp.args.StandardRestore(abstract_train),
+               data=DataStateRestore())
+  if frozen_lib.TEACHER in frozen:
+    items['teacher'] = ocp.args.StandardRestore(frozen[frozen_lib.TEACHER])
+  out = mngr.restore(step, args=ocp.args.Composite(**items))
   variables, train = out['variables'], out['train']
+  params, fixed = frozen_lib.unmerge(variables['params'], abstract_state.params, frozen.get('params', {}))
+  restored_frozen = {'params': fixed} if fixed else {}
+  if frozen_lib.TEACHER in frozen:
+    restored_frozen[frozen_lib.TEACHER] = out['teacher']
   state = abstract_state.replace(
-      params=variables['params'], model_state={k: v for k, v in variables.items() if k != 'params'},
-      step=train['step'], opt_state=train['opt_state'], rng=train['rng'], bad_steps=train['bad_steps'])
+      params=params, model_state={k: v for k, v in variables.items() if k != 'params'},
+      step=train['step'], opt_state=train['opt_state'], rng=train['rng'], bad_steps=train['bad_steps'],
+      frozen=restored_frozen)
   return state, out['data']
 
 
@@ -158,3 +180,23 @@ def load(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.Confi
                         models.abstract_variables(config.model))
   variables = mngr.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore(target)))['variables']
   return config, jax.tree.map(np.asarray, variables)
+
+
+def load_teacher(workdir: str, step: Optional[int] = None) -> tuple[ml_collections.ConfigDict, dict]:
+  """(teacher model config, variables) of a run with a frozen teacher (config.teacher), as host numpy arrays."""
+  from clip_jax import models  # pylint: disable=g-import-not-at-top
+  mngr, step = _open(workdir, step)
+  config = _read_config(mngr, step)
+  if not config.get('teacher') or not config.teacher.get('model'):
+    raise ValueError(f'the run in {workdir} has no teacher (config.teacher); only distillation runs (ViLD) do')
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        models.abstract_variables(config.teacher.model))
+  variables = mngr.restore(step, args=ocp.args.Composite(teacher=ocp.args.StandardRestore(target)))['teacher']
+  return config.teacher.model, jax.tree.map(np.asarray, variables)
+
+
+def load_config(workdir: str, step: Optional[int] = None) -> ml_collections.ConfigDict:
+  """The config a run saved with its checkpoint (latest by default); reads nothing else."""
+  mngr, step = _open(workdir, step)
+  return _read_config(mngr, step)

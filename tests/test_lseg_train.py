@@ -217,7 +217,7 @@ def test_frozen_text_is_required_and_bad_frozen_paths_are_named(clip_source):
   with pytest.raises(ValueError, match="LSeg's text tower must be frozen; add 'text' to config.frozen.params"):
     trainer.setup(config)
   config = _tiny()
-  config.frozen.params = ('txt',)
+  config.frozen.params = ('text', 'txt')
   with pytest.raises(ValueError, match=r"names 'txt', which is not in the model's parameters \(params has "):
     trainer.setup(config)
 

@@ -1,13 +1,19 @@
 """The grain loader: digits or ArrayRecord shards -> per-process batches.
 
-The pipeline is a grain dataset over this process's record indices:
+Training reads one global stream, the same whatever the process count:
 
-    MapDataset.range(start, stop)          this process's contiguous share
-      .shuffle(seed).repeat()              training: a new permutation per epoch
-      .map_with_index(ExampleTransform)    read, decode, crop, caption, tokenize
+    MapDataset.range(N).shuffle(seed).repeat()   the global order: a new permutation per epoch
+      ProcessRows(B, b, p)                 this process's rows of every global batch:
+                                           positions t*B + p*b ... t*B + p*b + b-1
+      .map(ExampleTransform.pair)          read, decode, crop, caption, tokenize
       .to_iter_dataset(threads, prefetch)
       DropCorrupt                          drop corrupt records, count them per example
-      .batch(b)  [.mp_prefetch(num_workers)]   training only: workers build whole batches
+      .batch(b)  [.mp_prefetch(num_workers)]   workers build whole batches
+
+so process p reads records no other process reads, and the global batch a
+run trains on does not depend on how many processes assemble it: 1, 2 or 4
+processes train the same run. Eval reads `MapDataset.range(start, stop)`,
+this process's contiguous share, in order.
 
 Every element is a pure function of (seed, stream position, record index):
 the permutation is grain's index shuffle, and the augmentation RNG is seeded
@@ -36,6 +42,7 @@ from PIL import Image
 from clip_jax.data import augment
 from clip_jax.data import digits
 from clip_jax.data import pipeline
+from clip_jax.data import prompts
 from clip_jax.data import shards
 from clip_jax.data import tokenizer
 
@@ -119,15 +126,20 @@ class ExampleTransform:
   DropCorrupt drops.
   """
 
-  def __init__(self, records, c, *, train, seed, shard_len, image_size, context_length):
+  def __init__(self, records, c, *, train, seed, epoch_len, image_size, context_length):
     self.records, self.train, self.seed = records, train, _entropy(seed)
-    self.shard_len, self.size, self.context_length = shard_len, image_size, context_length
+    self.epoch_len, self.size, self.context_length = epoch_len, image_size, context_length
     self.on_error = c.on_error
     self.augment = train and c.augment.enabled
     if self.augment:
       self.scale, self.ratio = augment.check_params(c.augment.scale, c.augment.ratio)
     self.drop_color_prob = float(c.digits.drop_color_prob) if train else 0.0
     self.has_objects = records.max_objects is not None
+    self.prompts = prompts.settings(c)
+
+  def pair(self, position_and_index):
+    """The (global position, record) pairs ProcessRows yields."""
+    return self(*position_and_index)
 
   def __call__(self, position: int, index: int):
     index = int(index)
@@ -148,7 +160,7 @@ class ExampleTransform:
 
     u = None
     if self.train:
-      epoch = position // self.shard_len
+      epoch = position // self.epoch_len
       u = np.random.default_rng((self.seed, epoch, index)).random(augment.NUM_UNIFORMS + 2)
     height, width = image.shape[:2]
     mask = arrays.get('mask') if self.has_objects else None
@@ -166,6 +178,8 @@ class ExampleTransform:
                                    include_colors=False)
     out = {'image': np.ascontiguousarray(image),
            'tokens': tokenizer.tokenize([caption], self.context_length)[0]}
+    if self.prompts is not None:  # nouns of the caption this example trains on (colours dropped or not)
+      out.update({k: v[0] for k, v in prompts.prompt_fields([caption], *self.prompts, self.context_length).items()})
     if self.has_objects:
       scale_xy, offset_xy = augment.geometry_boxes_np(window, height, width, self.size)
       out['boxes'], out['labels'], out['num_objects'] = augment.transform_boxes(
@@ -177,6 +191,28 @@ class ExampleTransform:
     if self.on_error == 'raise':
       raise ValueError(pipeline.corrupt_message(record, reason))
     return {'_error': reason, '_record': record}
+
+
+class ProcessRows(grain.MapDataset):
+  """Element j of this process's stream is global position
+  g = (j // b) * B + p * b + j % b of `parent`, yielded as (g, parent[g]):
+  process p's rows of global batch j // b."""
+
+  def __init__(self, parent: grain.MapDataset, global_batch: int, local_batch: int, process_index: int):
+    super().__init__(parent)
+    self._global, self._local, self._offset = global_batch, local_batch, process_index * local_batch
+
+  def __len__(self):
+    return len(self._parent) // self._global * self._local
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    g = index // self._local * self._global + self._offset + index % self._local
+    return g, self._parent[g]
+
+  def __str__(self):
+    return f'ProcessRows(global_batch={self._global}, local_batch={self._local}, offset={self._offset})'
 
 
 class DropCorrupt(grain.IterDataset):
@@ -234,7 +270,9 @@ class GrainIterator(pipeline.DataIterator):
                        f'{process_count} processes one; add data or use fewer processes')
     self._train, self._local_batch = train, local_batch
     self._shard_len = shard_len = stop - start
-    self._fields = pipeline.batch_spec(image_size, context_length, records.max_objects)
+    settings = prompts.settings(c)
+    self._fields = pipeline.batch_spec(image_size, context_length, records.max_objects,
+                                       settings[0] if settings else 0)
     self._num_batches = None if train else pipeline.num_eval_batches(n, process_count, local_batch)
     workers = c.num_workers if train else 0  # eval stays in order, in this process
     self._spec = {'train': train, 'seed': int(seed), 'local_batch': local_batch,
@@ -242,17 +280,21 @@ class GrainIterator(pipeline.DataIterator):
                   'process_index': process_index, 'process_count': process_count,
                   'source': records.name, 'num_records': n, 'num_workers': workers}
 
-    ds = grain.MapDataset.range(start, stop)
     if train:
       shuffle_seed = int(np.random.SeedSequence(_entropy(seed)).generate_state(1)[0])
-      ds = ds.shuffle(seed=shuffle_seed).repeat()
-    ds = ds.map_with_index(ExampleTransform(
-        records, c, train=train, seed=seed, shard_len=shard_len, image_size=image_size,
-        context_length=context_length))
+      ds = grain.MapDataset.range(n).shuffle(seed=shuffle_seed).repeat()
+      ds = ProcessRows(ds, local_batch * process_count, local_batch, process_index)
+      transform = ExampleTransform(records, c, train=True, seed=seed, epoch_len=n, image_size=image_size,
+                                   context_length=context_length)
+      ds = ds.map(transform.pair)
+    else:
+      ds = grain.MapDataset.range(start, stop).map_with_index(ExampleTransform(
+          records, c, train=False, seed=seed, epoch_len=shard_len, image_size=image_size,
+          context_length=context_length))
     buffer = c.prefetch * local_batch
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=c.num_threads if buffer else 0,
                                                  prefetch_buffer_size=buffer))
-    it_ds = DropCorrupt(it_ds, limit=shard_len)
+    it_ds = DropCorrupt(it_ds, limit=n if train else shard_len)
     it_ds = it_ds.batch(local_batch, drop_remainder=train)
     if workers:
       # grain's worker processes read absl flags; outside an absl app (tests,

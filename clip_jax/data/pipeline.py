@@ -12,10 +12,13 @@ yield the same per-process batch (b = batch_size // process_count):
 
   image        uint8   [b, image_size, image_size, 3]
   tokens       int32   [b, context_length]   clip_jax.tokenize(caption)
-  mask         uint8   [b, image_size, image_size]   } digits data only: the
-  boxes        float32 [b, M, 4]                     } crop/resize applied,
-  labels       int32   [b, M]                        } boxes clipped, objects
-  num_objects  int32   [b]                           } cropped away removed
+  prompt_tokens int32  [b, K, context_length] } with data.prompts.max_prompts = K > 0:
+  prompt_valid bool    [b, K]                 } the caption's nouns as prompts (`prompts`)
+  mask         uint8   [b, image_size, image_size]   } digits data, or a TFDS
+  boxes        float32 [b, M, 4]                     } builder's boxes / masks
+  labels       int32   [b, M]                        } (tfds_dense): the crop/resize
+  num_objects  int32   [b]                           } applied, boxes clipped,
+                                                     } objects cropped away removed
   valid        bool    [b]                   eval only: False on padding rows
 
 Training iterators are infinite: epochs repeat, reshuffled each epoch,
@@ -49,6 +52,7 @@ import ml_collections
 import numpy as np
 
 from clip_jax.data import augment
+from clip_jax.data import prompts
 
 LOADERS = ('grain', 'tfdata')
 SOURCES = ('digits', 'tfds', 'arrayrecord')
@@ -77,6 +81,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   # them, so a corrupt image follows on_error. False: TFDS decodes (a corrupt
   # image then stops the pipeline); only needed for odd builders.
   c.decode_in_pipeline = True
+  # Detection / segmentation features (tf.data; see clip_jax.data.tfds_dense): e.g. coco/2017's
+  # 'objects/bbox' and 'objects/label', a builder's 'segmentation_mask'. '' = none.
+  c.boxes_key = ''
+  c.labels_key = ''
+  c.mask_key = ''
+  c.max_objects = 100
   # ArrayRecord shards (loader='grain'), globs of files written by
   # `python -m clip_jax.data.shards`.
   c.arrayrecord_pattern = ''
@@ -91,6 +101,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   # Per training example, the probability that its caption leaves out the
   # colours ('a photo of a seven and a two.').
   c.digits.drop_color_prob = 0.0
+
+  # Caption nouns as prompts (GroupViT's multi-label loss); see clip_jax.data.prompts.
+  c.prompts = prompts.default_config()
 
   c.augment = ml_collections.ConfigDict()
   c.augment.enabled = True      # False: training uses the eval geometry
@@ -201,14 +214,15 @@ def validate(c) -> None:
     raise ValueError("config.data.tfds_name is empty but source='tfds': set it to a TFDS "
                      "builder name, e.g. 'coco_captions'")
   if c.loader == 'tfdata':
-    for field in ('image_key', 'caption_key'):
-      if not c[field]:
-        raise ValueError(f'config.data.{field} is empty: name the TFDS feature to read')
+    if not c.image_key:  # caption_key may be empty: detection / segmentation data (tfds_dense)
+      raise ValueError('config.data.image_key is empty: name the TFDS feature to read')
   if c.augment.enabled:
     augment.check_params(c.augment.scale, c.augment.ratio)
   if not 0 <= c.digits.drop_color_prob <= 1:
     raise ValueError(f'config.data.digits.drop_color_prob must be in [0, 1], '
                      f'got {c.digits.drop_color_prob}')
+  if 'prompts' in c:
+    prompts.validate(c.prompts)
   for field, lo in (('shuffle_buffer', 1), ('num_workers', 0), ('num_threads', 0), ('prefetch', 0)):
     if c[field] < lo:
       raise ValueError(f'config.data.{field} must be >= {lo}, got {c[field]}')
@@ -261,10 +275,12 @@ def empty_rows(spec: Dict[str, Tuple[tuple, np.dtype]]) -> Dict[str, np.ndarray]
   return {key: np.zeros((0,) + tuple(shape), dtype) for key, (shape, dtype) in spec.items()}
 
 
-def batch_spec(image_size: int, context_length: int, max_objects: Optional[int]):
+def batch_spec(image_size: int, context_length: int, max_objects: Optional[int], max_prompts: int = 0):
   """{field: (per-example shape, dtype)} of a batch (without `valid`)."""
   spec = {'image': ((image_size, image_size, 3), np.uint8),
           'tokens': ((context_length,), np.int32)}
+  if max_prompts:
+    spec.update(prompt_tokens=((max_prompts, context_length), np.int32), prompt_valid=((max_prompts,), np.bool_))
   if max_objects:
     spec.update(mask=((image_size, image_size), np.uint8), boxes=((max_objects, 4), np.float32),
                 labels=((max_objects,), np.int32), num_objects=((), np.int32))

@@ -42,7 +42,9 @@ import numpy as np
 from clip_jax.data import augment
 from clip_jax.data import digits
 from clip_jax.data import pipeline
+from clip_jax.data import prompts
 from clip_jax.data import shards
+from clip_jax.data import tfds_dense
 from clip_jax.data import tokenizer
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top,wrong-import-order
@@ -81,6 +83,8 @@ def _check_features(c, features):
   if image is None:
     raise ValueError(f'config.data.image_key={c.image_key!r} is not a feature of this dataset; '
                      f'set it to one of: {available}')
+  if not c.caption_key:  # detection / segmentation data (clip_jax.data.tfds_dense): no captions
+    return isinstance(image, tfds.features.Image)
   caption = shards.tfds_feature(features, c.caption_key)
   if caption is None:
     raise ValueError(f'config.data.caption_key={c.caption_key!r} is not a feature of this '
@@ -131,6 +135,8 @@ class TFDataIterator(pipeline.DataIterator):
     encoded = _check_features(c, features) and c.decode_in_pipeline
     self._encoded = encoded
     self._objects = all(k in features for k in _OBJECT_KEYS)
+    self._dense = None if self._objects else tfds_dense.keys_of(c, features)
+    self.dropped_objects = 0  # boxes beyond config.data.max_objects (tfds_dense)
     field = 'train_split' if train else 'eval_split'
     split = c[field]
     known = list(builder.info.splits)  # empty for mocked builders: anything goes
@@ -141,9 +147,10 @@ class TFDataIterator(pipeline.DataIterator):
                                            drop_remainder=False)[process_index]
 
     self._image_keys = shards.feature_keys(features, c.image_key)
-    self._caption_keys = shards.feature_keys(features, c.caption_key)
-    keys = [self._image_keys, self._caption_keys]
+    self._caption_keys = shards.feature_keys(features, c.caption_key) if c.caption_key else None
+    keys = [self._image_keys] + ([self._caption_keys] if self._caption_keys else [])
     keys += [[k] for k in _OBJECT_KEYS] if self._objects else []
+    keys += self._dense.paths if self._dense else []
     skip = shards.nested_keys([self._image_keys], tfds.decode.SkipDecoding())
     decoders = tfds.decode.PartialDecoding(shards.nested_keys(keys, True),
                                            decoders=skip if encoded else None)
@@ -194,8 +201,11 @@ class TFDataIterator(pipeline.DataIterator):
                   'image_size': image_size, 'context_length': context_length,
                   'process_index': process_index, 'process_count': process_count,
                   'source': f'{builder.name}/{config_name} {split}', 'shard_len': self._shard_len}
-    self._fields = pipeline.batch_spec(image_size, context_length,
-                                       features['boxes'].shape[0] if self._objects else None)
+    self._prompts = prompts.settings(c)
+    max_objects = (features['boxes'].shape[0] if self._objects else
+                   self._dense.max_objects if self._dense else None)
+    self._fields = pipeline.batch_spec(image_size, context_length, max_objects,
+                                       self._prompts[0] if self._prompts else 0)
     self.skipped = 0
     self._last_pos = -1
     self._batches = 0
@@ -204,7 +214,10 @@ class TFDataIterator(pipeline.DataIterator):
   # ------------------------------------------------------------ tf.data maps
 
   def _select(self, pos, ex):
-    captions = tf.reshape(shards.get_path(ex, self._caption_keys), [-1])
+    if self._caption_keys is None:  # no captions (tfds_dense): every record is kept, its caption ''
+      captions = tf.constant(['-'])
+    else:
+      captions = tf.reshape(shards.get_path(ex, self._caption_keys), [-1])
     captions = tf.boolean_mask(captions, tf.strings.length(tf.strings.strip(captions)) > 0)
     n = tf.size(captions, out_type=tf.int32)
     if self._train:
@@ -219,11 +232,15 @@ class TFDataIterator(pipeline.DataIterator):
       u = tf.zeros([augment.NUM_UNIFORMS + 2], tf.float64)
       pick = 0
     caption = tf.concat([captions, ['']], 0)[tf.maximum(pick, 0)]  # '' when none: filtered
+    if self._caption_keys is None:
+      caption = tf.constant('')
     el = {'_pos': pos, '_u': u, '_ok': n > 0, 'image': shards.get_path(ex, self._image_keys),
           'caption': caption}
     if self._objects:
       for k in _OBJECT_KEYS:
         el[k] = ex[k] if k == 'boxes' else tf.cast(ex[k], tf.uint8 if k == 'mask' else tf.int32)
+    if self._dense:
+      el.update(tfds_dense.select(ex, self._dense))
     return el
 
   def _decode(self, el):
@@ -239,6 +256,11 @@ class TFDataIterator(pipeline.DataIterator):
     with tf.control_dependencies([tf.debugging.assert_positive(
         tf.minimum(shape[0], shape[1]), message='empty image')]):
       el = dict(el, image=tf.identity(image))
+    if self._dense:
+      el, same_size = tfds_dense.to_objects(el, self._dense)
+      with tf.control_dependencies([tf.debugging.Assert(same_size, [
+          'config.data.mask_key: the mask size differs from the image size', tf.shape(el['image'])])]):
+        el = dict(el, image=tf.identity(el['image']))
     return el
 
   def _transform(self, el):
@@ -255,13 +277,15 @@ class TFDataIterator(pipeline.DataIterator):
       image, mask = augment.center_crop_tf(image, size, mask)
     out = {'_pos': el['_pos'], 'image': tf.ensure_shape(image, [size, size, 3]),
            'caption': el['caption']}
-    if self._objects:
+    if self._dense:
+      out['dropped_objects'] = el['dropped_objects']
+    if self._objects or self._dense:
       scale_xy, offset_xy = augment.geometry_boxes_tf(window, height, width, size)
       out['boxes'], out['labels'], out['num_objects'] = augment.transform_boxes_tf(
           el['boxes'], el['labels'], el['num_objects'], scale_xy, offset_xy, size)
       out['mask'] = tf.ensure_shape(mask, [size, size])
       p = float(c.digits.drop_color_prob)
-      if self._train and p > 0:
+      if self._train and p > 0 and self._objects:
         plain = _plain_caption(el['labels'], el['num_objects'])
         out['caption'] = tf.where((u[-1] < p) & (el['num_objects'] > 0), plain, out['caption'])
     return out
@@ -284,8 +308,11 @@ class TFDataIterator(pipeline.DataIterator):
       batch = pipeline.empty_rows(self._fields)
     else:
       self._count_missing(batch.pop('_pos'))
+      self.dropped_objects += int(batch.pop('dropped_objects', np.zeros(1)).sum())
       captions = [c.decode('utf-8', 'replace') for c in batch.pop('caption')]
       batch['tokens'] = tokenizer.tokenize(captions, self._context_length)
+      if self._prompts is not None:  # on the host, as the tokens: the same code as the grain loader
+        batch.update(prompts.prompt_fields(captions, *self._prompts, self._context_length))
       batch = {k: batch[k].astype(dtype, copy=False) for k, (_, dtype) in self._fields.items()}
       if not self._train and len(batch['image']) < self._local_batch:  # the pass's last batch
         self._exhausted = True
@@ -310,7 +337,8 @@ class TFDataIterator(pipeline.DataIterator):
     """(tfds_id, reason) of the record at a stream position (replays the stream)."""
     _, ex = next(iter(self._stream().skip(position).take(1)))
     key = f'{ex["tfds_id"].numpy().decode()} (stream position {position})'
-    captions = tf.reshape(shards.get_path(ex, self._caption_keys), [-1]).numpy()
+    captions = (tf.reshape(shards.get_path(ex, self._caption_keys), [-1]).numpy() if self._caption_keys
+                else [b'-'])
     if not any(c.decode('utf-8', 'replace').strip() for c in captions):
       return key, 'no non-blank caption'
     try:

@@ -1,14 +1,29 @@
 """python -m clip_jax.evaluate zeroshot --workdir RUN --images DIR [--templates "a photo of a {}." ...]
+python -m clip_jax.evaluate segment --workdir RUN [--baseline CLIP_RUN] [--out DIR]
+python -m clip_jax.evaluate lseg --workdir RUN [--out DIR]
+python -m clip_jax.evaluate detect --workdir RUN [--baseline RUN] [--out DIR]
 
-Zero-shot classification of an image folder (DIR/<class name>/*.png) with a
-trained run's latest (or --step) checkpoint; prints top-1 and top-5.
+zeroshot: zero-shot classification of an image folder (DIR/<class name>/*.png)
+with a trained run's latest (or --step) checkpoint; prints top-1 and top-5.
+
+segment: zero-shot segmentation of held-out digits canvases (test-split scans)
+by a GroupViT run (or a CLIP ViT run: the patch-similarity baseline); prints
+mIoU over background + the ten digits, beside the all-background baseline and,
+with --baseline, a second run's; writes PNG panels (see clip_jax.evaluate.segment_cli).
+
+lseg: an LSeg run's seen / unseen mIoU on held-out digits canvases, every pixel
+labelled among all class names; writes PNG overlays (clip_jax.evaluate.lseg).
+
+detect: ViLD runs' base / novel AP and AP50 (pycocotools) on held-out digits
+scenes, with --baseline a second run (the ViLD-image ablation); writes PNG
+overlays (clip_jax.evaluate.detect_cli).
 """
 
 import argparse
 import sys
 
 from clip_jax import checkpoint, models
-from clip_jax.evaluate import embed, folder, zeroshot
+from clip_jax.evaluate import detect_cli, embed, folder, lseg, segment_cli, zeroshot
 
 
 def _zeroshot(args) -> dict:
@@ -40,9 +55,19 @@ def main(argv=None) -> int:
   zs.add_argument('--templates', nargs='+', default=None,
                   help='prompt templates with one {} (default: the 80 OpenAI ImageNet templates)')
   zs.add_argument('--batch_size', type=int, default=128)
+  segment_cli.add_parser(commands)
+  lseg.add_parser(commands)
+  detect_cli.add_parser(commands)
   args = parser.parse_args(argv)
   try:
-    _zeroshot(args)
+    if args.command == 'segment':
+      segment_cli.run(args)
+    elif args.command == 'lseg':
+      lseg.run(args)
+    elif args.command == 'detect':
+      detect_cli.run(args)
+    else:
+      _zeroshot(args)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

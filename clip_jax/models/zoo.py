@@ -82,6 +82,9 @@ ZOO = {
     # Tiny models for tests and CPU runs: same code paths, seconds to compile.
     'tiny': lambda: clip_config(64, vit_vision(32, 8, 64, 2, heads=4), text_tower(64, 2, heads=4)),
     'tiny-rn': lambda: clip_config(64, resnet_vision(64, (1, 1, 1, 1), 16, heads=4), text_tower(64, 2, heads=4)),
+    # The digits CLIP with a ViT image tower (configs/clip_digits.py:vit), which LSeg and ViLD start from.
+    'digits-ViT': lambda: clip_config(128, vit_vision(64, 8, 128, 4, heads=4),
+                                      text_tower(128, 2, heads=4, context_length=24)),
 }
 
 

@@ -8,8 +8,8 @@
     towers         the towers to copy, ('vision', 'text'); the model must have each under the
                    same name with CLIP's shapes (clip_jax.models.transfer checks every leaf)
   config.teacher   a frozen CLIP the objective reads (ViLD: class text embeddings, crop embeddings)
-    model          its CLIP model config: explicit, so the state's shapes and shardings are known
-                   before any weights load and a resumed run needs no source
+    model          its CLIP model config, so the state's shapes and shardings are known before any
+                   weights load; empty with `workdir` set: the model config saved in that run
     workdir / open_clip / step   where its weights come from, as for config.init. Both empty:
                    random weights, which only tests and smoke runs want.
 
@@ -19,6 +19,7 @@ state was born with (`apply`), so a teacher is laid out by the same logical
 rules as the model.
 """
 
+import functools
 from typing import Optional
 
 import jax
@@ -46,12 +47,20 @@ def _source(section, field: str) -> Optional[tuple[str, str]]:
   return ('open_clip', open_clip) if open_clip else None
 
 
+@functools.lru_cache(maxsize=8)
+def _saved_model_config(workdir: str, step: Optional[int]) -> ml_collections.ConfigDict:
+  from clip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.load_config(workdir, step).model
+
+
 def teacher_config(config) -> Optional[ml_collections.ConfigDict]:
   """The teacher's model config (validated), or None when the run has no teacher."""
   t = config.get('teacher')
   if not t:
     return None
   model = t.get('model')
+  if not model and t.get('workdir'):
+    model = _saved_model_config(t.workdir, t.get('step'))
   if not model or model.get('name') != 'clip':
     raise ValueError('config.teacher.model must be a CLIP model config (name=\'clip\'), e.g. '
                      "zoo.get('ViT-B/16') or the model config of the CLIP run in config.teacher.workdir")
