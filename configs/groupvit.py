@@ -28,7 +28,7 @@ from clip_jax.train import optim
 
 _IMAGE = 32
 _PATCH = 4
-_WIDTH = 128
+_WIDTH = 64
 _HEADS = 4
 _CONTEXT = 24  # captions are <= 16 tokens
 
@@ -40,7 +40,7 @@ def _text():
 def groupvit_model() -> ml_collections.ConfigDict:
   # 64 patches -> 8 segments -> 4, then a plain stage over the 4: room for up to three digits and
   # the background.
-  vision = groupvit_zoo.groupvit_vision(_IMAGE, _PATCH, _WIDTH, _HEADS, depths=(2, 1, 1),
+  vision = groupvit_zoo.groupvit_vision(_IMAGE, _PATCH, _WIDTH, _HEADS, depths=(3, 1, 1),
                                         num_group_tokens=(8, 4, 0), num_output_groups=(8, 4, 4))
   return groupvit_zoo.groupvit_config(128, vision, groupvit_zoo.groupvit_text(**_text()),
                                       projection_mlp_dim=256)
@@ -48,7 +48,7 @@ def groupvit_model() -> ml_collections.ConfigDict:
 
 def clip_model() -> ml_collections.ConfigDict:
   # As many transformer blocks as GroupViT's stages, the same width and patch grid.
-  return zoo.clip_config(embed_dim=128, vision=zoo.vit_vision(_IMAGE, _PATCH, _WIDTH, 4, _HEADS),
+  return zoo.clip_config(embed_dim=128, vision=zoo.vit_vision(_IMAGE, _PATCH, _WIDTH, 5, _HEADS),
                          text=zoo.text_tower(**_text()), act='quick_gelu')
 
 
@@ -58,9 +58,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     raise ValueError(f"configs/groupvit.py:{arg}: unknown variant; use 'digits', 'clip_baseline' or 'tiny'")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.batch_size = 128
-  c.total_steps = 600
-  c.log_every_steps = 50
+  c.batch_size = 64
+  c.total_steps = 4000
+  c.log_every_steps = 100
   c.max_bad_steps = 20
   c.tensorboard = True
 
@@ -71,8 +71,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.tasks.multi_label = dict(weight=1.0)
 
   c.optim = optim.default_config()
-  c.optim.lr = 2e-3
-  c.optim.warmup_steps = 50
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 200
   c.optim.weight_decay = 0.05
 
   c.data = pipeline.default_data_config()
@@ -86,7 +86,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.prompts.vocabulary = 'digits'
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=200, keep=2))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
   c.eval = digits_eval.default_config()
   c.eval.num_retrieval = 0
   c.eval.segmentation = segmentation.default_config()

@@ -52,7 +52,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.frozen.params = ('text',)
   c.init = pretrained.default_init_config()
   c.init.workdir = 'runs/clip_vit'
-  c.classes = classes.digits_config(background=True, train_ids=range(8))  # background + zero..six
+  c.classes = classes.digits_config(range(8), background=classes.DIGITS_BACKGROUND)  # background + zero..six
 
   c.tasks = ml_collections.ConfigDict()
   c.tasks.pixel_ce = dict(weight=1.0)

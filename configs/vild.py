@@ -58,7 +58,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # The main job's CLIP (configs/clip_digits.py, a ModifiedResNet: the best digits zero-shot model);
   # model=None reads its architecture from that run's checkpoint.
   c.teacher = ml_collections.ConfigDict(dict(model=None, workdir='runs/digits', open_clip='', step=None))
-  c.classes = classes.digits_config(background=False, train_ids=range(5))  # base 0-4, novel 5-9
+  c.classes = classes.digits_config(range(5))  # base 0-4, novel 5-9
 
   c.tasks = ml_collections.ConfigDict()
   c.tasks.rpn = dict(weight=1.0)

@@ -191,7 +191,11 @@ def _tiny(**overrides):
 def run(tmp_path_factory):
   """A tiny GroupViT run on the 8-device mesh: its config, workdir and logged losses."""
   workdir = str(tmp_path_factory.mktemp('groupvit_tiny'))
-  config = _tiny(**{'mesh.data': 8})
+  # Adam's first steps are sign(g) * lr for every gradient well above eps, and GroupViT has parameters
+  # whose true gradient is 0 or nearly so (a bias that LayerNorm or BatchNorm cancels): float rounding
+  # sets their sign, so with eps 1e-6 two exact-to-rounding runs take different full-size steps and drift.
+  # eps 1e-3 scales such steps down to their gradient; the comparison is then of the sharding alone.
+  config = _tiny(**{'mesh.data': 8, 'optim.eps': 1e-3})
   trainer.train(config, workdir, progress=False)
   return dict(config=config, workdir=workdir, losses=losses(workdir))
 

@@ -56,7 +56,7 @@ def test_pixel_cross_entropy_matches_torch():
 
 
 def _vocab():
-  c = ml_collections.ConfigDict(dict(classes=classes.digits_config(background=True, train_ids=range(8))))
+  c = ml_collections.ConfigDict(dict(classes=classes.digits_config(range(8), background='black background')))
   return classes.from_config(c)
 
 
@@ -80,7 +80,7 @@ def test_pixel_task_ignores_unseen_and_counts_invalid_ids():
 
 
 def test_vocabulary_errors_are_named():
-  bad = lambda **kw: ml_collections.ConfigDict(dict(classes=dict(classes.digits_config(True, ()).to_dict(), **kw)))
+  bad = lambda **kw: ml_collections.ConfigDict(dict(classes=dict(classes.digits_config((), background='black background').to_dict(), **kw)))
   with pytest.raises(ValueError, match=r'train_ids=\(3, 11\): give distinct label ids in \[0, 11\)'):
     classes.from_config(bad(train_ids=(3, 11)))
   with pytest.raises(ValueError, match=r"template='a photo' must contain exactly one"):

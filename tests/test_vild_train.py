@@ -129,7 +129,7 @@ def test_roi_losses_and_distillation_match_torch_reference():
 
 
 def test_bad_boxes_are_clipped_or_dropped_and_counted():
-  vocab = classes.from_config(ml_collections.ConfigDict(dict(classes=classes.digits_config(False, range(5)))))
+  vocab = classes.from_config(ml_collections.ConfigDict(dict(classes=classes.digits_config(range(5)))))
   boxes = np.array([[[4, 4, 20, 30], [50, 50, 70, 60], [30, 10, 20, 40], [5, 5, 15, 15], [8, 8, 16, 16]]],
                    np.float32)
   labels = np.array([[1, 2, 3, 12, 7]], np.int32)  # 12 is not a class id, 7 is novel
