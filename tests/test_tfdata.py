@@ -91,6 +91,17 @@ def test_same_batch_schema_as_grain(data_dir):
   assert_batches_equal(a, b)
 
 
+def test_caption_prompts_same_as_grain(data_dir):
+  """GroupViT's prompt fields (config.data.prompts) come from the same host code in both loaders."""
+  c, g = digits_config(data_dir), pipeline.default_data_config()
+  g.digits.num_train = NUM_TRAIN
+  for config in (c, g):
+    config.prompts.max_prompts = 3
+  a, b = next(make(c, train=False, image_size=64)), next(make(g, train=False, image_size=64))
+  assert a['prompt_tokens'].shape == (8, 3, L)
+  assert_batches_equal(a, b)
+
+
 def test_deterministic_and_exact_resume(data_dir):
   c = digits_config(data_dir)
   c.digits.drop_color_prob = 0.5

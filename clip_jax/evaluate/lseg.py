@@ -12,7 +12,14 @@ class, clip_jax.evaluate.segmentation.confusion); the summary splits it:
   hiou          their harmonic mean (the zero-shot segmentation literature's summary)
   iou_background, miou (all classes that occur)
 
-`python -m clip_jax.evaluate lseg --workdir RUN` prints them beside the
+A second protocol scores the held-out classes alone, LSeg's "any label set at
+inference": every pixel is labelled among the background and the held-out names
+only, and pixels of seen digits are left out (`unseen_only`). Its control permutes
+the held-out names (seven's embedding stands for eight, ...): an encoder that
+segments by name scores well above its permuted self, one that merely finds
+foreground does not.
+
+`python -m clip_jax.evaluate lseg --workdir RUN` prints both beside the
 all-background prediction (which scores 0 on every digit) and writes PNG panels.
 """
 
@@ -81,6 +88,22 @@ def summarize(conf: np.ndarray, vocab: classes_lib.Vocabulary) -> dict:
   return dict(miou_seen=s, miou_unseen=u, hiou=2 * s * u / (s + u) if s + u > 0 else 0.0,
               iou_background=float(np.nan_to_num(per_class[0])), miou=float(np.nanmean(per_class)),
               iou=[None if np.isnan(v) else float(v) for v in per_class])
+
+
+def unseen_only(model, variables, images, masks, classes, vocab, batch_size: int, permute: bool = False) -> dict:
+  """{'miou_unseen', 'iou_background', 'iou'} labelling pixels among background + the held-out names only.
+
+  Pixels whose truth is a seen digit are left out. permute=True rolls the held-out names' embeddings by
+  one (the control: names that do not match the shapes).
+  """
+  held = list(vocab.held_out_ids)
+  source = held[1:] + held[:1] if permute else held
+  pred = segment(model, variables, images, classes[[0] + source], batch_size)  # index into [0] + held
+  labels = np.asarray([0] + held, np.uint8)[pred]
+  keep = ~np.isin(masks, [i for i in vocab.train_ids if i != 0])
+  per_class = seg_metrics.iou(seg_metrics.confusion(masks[keep], labels[keep], len(vocab.names)))
+  return dict(miou_unseen=float(np.nanmean(per_class[held])), iou_background=float(per_class[0]),
+              iou=[None if np.isnan(per_class[i]) else float(per_class[i]) for i in held])
 
 
 def _test_set(e, canvas_size: int, image_size: int):
@@ -158,6 +181,15 @@ def run(args) -> dict:
   print('per-class IoU (lseg): ' + ', '.join(
       f'{n}{"*" if i in vocab.held_out_ids else ""} {v:.3f}' for i, (n, v) in
       enumerate(zip(vocab.names, scores['lseg']['iou'])) if v is not None))
+  if vocab.held_out_ids:
+    bs = int(e.batch_size)
+    scores['unseen_only'] = unseen_only(model, variables, images, masks, classes, vocab, bs)
+    scores['unseen_only_permuted'] = unseen_only(model, variables, images, masks, classes, vocab, bs, permute=True)
+    print(f'label set = {vocab.names[0]} + {unseen} only (seen-digit pixels left out):')
+    for name, title in (('unseen_only', 'lseg'), ('unseen_only_permuted', 'names permuted')):
+      s = scores[name]
+      print(f'  {title:<16} unseen mIoU {s["miou_unseen"]:.4f}  per class ' +
+            ' '.join(f'{v:.3f}' for v in s['iou'] if v is not None) + f'  background {s["iou_background"]:.4f}')
 
   out = args.out or os.path.join(args.workdir, 'lseg')
   for name, arrays in (('truth', masks), ('lseg', pred)):

@@ -37,6 +37,7 @@ def add_parser(commands):
   p.add_argument('--step', type=int, default=None, help='checkpoint step (default: latest)')
   p.add_argument('--baseline', default=None, help='a second run to score on the same canvases (e.g. the CLIP '
                  'patch-similarity baseline, configs/groupvit.py:clip_baseline)')
+  p.add_argument('--baseline_step', type=int, default=None, help="the baseline's checkpoint step (default: latest)")
   p.add_argument('--num_images', type=int, default=None, help='test canvases (default: the run config\'s, or 500)')
   p.add_argument('--num_digits', type=int, nargs=2, default=None, metavar=('MIN', 'MAX'),
                  help='digits per canvas (default 2 3)')
@@ -82,7 +83,7 @@ def run(args) -> dict:
     raise ValueError(f'--num_png={args.num_png} must be >= 0')
   runs = [checkpoint.load(args.workdir, args.step)]
   if args.baseline is not None:
-    runs.append(checkpoint.load(args.baseline))
+    runs.append(checkpoint.load(args.baseline, args.baseline_step))
   config = runs[0][0]  # the canvas size and the default settings
   base, settings = _settings(config, args)
   canvas = config.data.digits.canvas_size if 'data' in config else 64
