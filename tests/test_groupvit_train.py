@@ -10,17 +10,19 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from clip_jax import checkpoint, models, sharding, tasks
-from clip_jax.data import digits, pipeline, prompts, tokenizer
+from clip_jax.data import digits, pipeline, prompts, tokenizer, transforms
 from clip_jax.evaluate import __main__ as evaluate_cli
 from clip_jax.evaluate import segmentation
 from clip_jax.losses import multilabel
 from clip_jax.models import zoo
+from clip_jax.train import frozen as frozen_lib
 from clip_jax.train import trainer
 from conftest import load_config
 from trainer_helpers import losses
@@ -164,6 +166,66 @@ def test_multi_label_task_needs_prompts():
   config = load_config('groupvit', 'tiny')
   config.tasks.multi_label.temperature = 0.1
   with pytest.raises(ValueError, match=r"multi_label: unknown options \['temperature'\]"):
+    tasks.build_objective(config)
+
+
+def _with_teacher(weight=0.5):
+  """The tiny GroupViT run guided by a random tiny CLIP teacher (the digits variant's third term)."""
+  config = _tiny()
+  config.tasks.feature_distill = dict(weight=weight, text=True)
+  teacher = zoo.get('tiny')  # 32 px ViT, as the student's input: no resize
+  teacher.text.context_length = config.model.text.context_length
+  config.teacher = ml_collections.ConfigDict(dict(model=teacher, workdir='', open_clip='', step=None))
+  return config
+
+
+def test_teacher_term_adds_to_the_groupvit_objective():
+  config = _with_teacher(weight=0.5)
+  s = trainer.setup(config)
+  with sharding.use(s.mesh, s.rules):
+    state = s.init_state(jax.random.PRNGKey(0))
+    data = pipeline.make_iterator(config.data, batch_size=config.batch_size, image_size=32,
+                                  context_length=config.model.text.context_length, seed=0)
+    batch = {k: jnp.asarray(v) for k, v in s.objective.select(next(data)).items()}
+    data.close()
+    variables = frozen_lib.model_variables(state.params, state.model_state, state.frozen)
+    outputs, _ = s.objective.forward(s.model, variables, batch, train=False, rngs={})
+    total, metrics = s.objective.loss(outputs, batch)
+  teacher = models.build(config.teacher.model)
+  want = teacher.apply(variables[frozen_lib.TEACHER], transforms.normalize(batch['image']), method='encode_image',
+                       normalize=True)
+  np.testing.assert_allclose(outputs['teacher_features'], want, atol=1e-6)
+  text = lambda t: np.asarray(teacher.apply(variables[frozen_lib.TEACHER], t, method='encode_text', normalize=True))
+  b, k, length = batch['prompt_tokens'].shape
+  want_text = text(batch['tokens'])
+  want_prompts = text(batch['prompt_tokens'].reshape(b * k, length)).reshape(b, k, -1)
+  np.testing.assert_allclose(outputs['teacher_text_features'], want_text, atol=1e-6)
+  np.testing.assert_allclose(outputs['teacher_prompt_features'], want_prompts, atol=1e-6)
+  # The loss written out: image rows, then caption rows and valid prompt rows in one mean.
+  image_d = 2 - 2 * np.sum(np.asarray(outputs['image_features']) * np.asarray(want), axis=-1)
+  caption_d = 2 - 2 * np.sum(np.asarray(outputs['text_features']) * want_text, axis=-1)
+  prompt_d = 2 - 2 * np.sum(np.asarray(outputs['prompt_features']) * want_prompts, axis=-1)
+  valid = np.asarray(batch['prompt_valid'], bool)
+  text_d = np.concatenate([caption_d, prompt_d[valid]])
+  assert 0 < valid.sum() < valid.size  # some images have fewer digits than prompt slots
+  np.testing.assert_allclose(metrics['feature_distill/loss'], image_d.mean() + text_d.mean(), rtol=1e-5)
+  parts = metrics['contrastive/loss'] + metrics['multi_label/loss'] + 0.5 * metrics['feature_distill/loss']
+  np.testing.assert_allclose(total, parts, rtol=1e-6)
+  assert metrics['multi_label/loss'] > 0 and metrics['feature_distill/loss'] > 0
+
+
+def test_teacher_term_needs_the_other_tasks_and_a_teacher():
+  config = _with_teacher()
+  config.tasks = ml_collections.ConfigDict(dict(feature_distill=dict(weight=1.0)))
+  with pytest.raises(ValueError, match='a GroupViT distills beside its own tasks'):
+    tasks.build_objective(config)
+  config = _with_teacher()
+  del config.teacher
+  with pytest.raises(ValueError, match='feature_distill needs config.teacher'):
+    tasks.build_objective(config)
+  config = load_config('clip_digits', 'tiny')
+  config.tasks = ml_collections.ConfigDict(dict(feature_distill=dict(weight=1.0, text=True)))
+  with pytest.raises(ValueError, match=r'text=True distills a text tower trained beside other tasks'):
     tasks.build_objective(config)
 
 

@@ -33,9 +33,11 @@ TASKS = {'contrastive': _contrastive, 'multi_label': _multi_label}
 # The same, for tasks that read the run config too (config.classes, config.model): (config, options) -> Task.
 CONFIG_TASKS = {'pixel_ce': segmentation.pixel_ce, 'rpn': detection.rpn, 'box_regression': detection.box_regression,
                 'vild_text': detection.vild_text, 'vild_image': distill.vild_image,
-                'feature_distill': distill.feature_distill}
-# Tasks that bring their own forward (config -> (forward, batch fields)), whatever the model.
+                'feature_distill': distill.feature_distill, 'pixel_distill': segmentation.pixel_distill}
+# Tasks that bring their own forward (config -> (forward, batch fields)) when they are a run's only task.
 TASK_FORWARDS = {'feature_distill': distill.clip_distill_forward_for}
+# Tasks that add outputs to whatever forward the other tasks use: (forward, config) -> forward.
+FORWARD_WRAPPERS = {'feature_distill': distill.with_teacher_features}
 
 
 def build_objective(config: ml_collections.ConfigDict) -> Objective:
@@ -57,9 +59,9 @@ def build_objective(config: ml_collections.ConfigDict) -> Objective:
     tasks.append((float(weight), TASKS[name](options) if name in TASKS else CONFIG_TASKS[name](config, options)))
   for _, task in tasks:
     task.check(config)
-  own = [name for name in config.tasks if name in TASK_FORWARDS]
-  if own:
-    forward, batch_keys = TASK_FORWARDS[own[0]](config)
+  names = list(config.tasks)
+  if len(names) == 1 and names[0] in TASK_FORWARDS:
+    forward, batch_keys = TASK_FORWARDS[names[0]](config)
   elif model_name in CONFIG_FORWARDS:
     forward, batch_keys = CONFIG_FORWARDS[model_name](config)
   else:
@@ -67,6 +69,10 @@ def build_objective(config: ml_collections.ConfigDict) -> Objective:
   extra = tuple(k for _, task in tasks for k in task.batch_keys if k not in batch_keys)
   if any(k.startswith('prompt_') for k in extra):
     forward = _PROMPT_FORWARDS.get(model_name, forward)
+  if len(names) > 1:
+    for name in names:
+      if name in FORWARD_WRAPPERS:
+        forward = FORWARD_WRAPPERS[name](forward, config)
   return Objective(forward=forward, tasks=tuple(tasks), batch_keys=tuple(dict.fromkeys(batch_keys + extra)))
 
 
