@@ -49,6 +49,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   # chunked=True: ring losses (no device holds a row block of the batch's logits).
   c.tasks.contrastive = dict(weight=1.0, loss='softmax', chunked=False)
 
+  # Start from pretrained weights: --config.init.{workdir,open_clip,hf,safetensors}=PATH (clip_jax.train.pretrained).
+  c.init = pretrained.default_init_config()
+
   c.optim = optim.default_config()
   c.optim.lr = 2e-3
   c.optim.warmup_steps = 50

@@ -222,6 +222,57 @@ def test_frozen_text_is_required_and_bad_frozen_paths_are_named(clip_source):
     trainer.setup(config)
 
 
+# ------------------------------------------------------------------ pixel_distill
+
+
+def test_distill_windows_pool_ink_weighted_pixel_embeddings():
+  windows, member = segmentation.distill_windows(32, 16, 8)
+  assert windows.shape == (9, 4) and member.shape == (9, 16 * 16)
+  assert (windows[:, :2] >= 0).all() and (windows[:, 2:] <= 32).all()
+  np.testing.assert_array_equal(member.sum(-1), 8 * 8)  # 16 px = 8 stride-2 cells a side
+  rng = np.random.default_rng(0)
+  pixels = rng.standard_normal((2, 16, 16, 5)).astype(np.float32)
+  images = np.zeros((2, 32, 32, 3), np.float32)
+  images[0, 4:12, 6:10, 1] = 200.0  # ink in window 0 only (and its neighbours' overlap)
+  images[1, 20:30, 20:28, 0] = 255.0
+  pooled, ink = segmentation.pool_windows(jnp.asarray(pixels), jnp.asarray(images), member, 0.2)
+  cells = (images.max(-1) > 51).reshape(2, 16, 2, 16, 2).mean((2, 4)).reshape(2, -1)
+  for b in range(2):
+    for r in range(9):
+      w = (cells[b] + 1e-3) * member[r]
+      want = (w[:, None] * pixels[b].reshape(-1, 5)).sum(0)
+      np.testing.assert_allclose(np.asarray(pooled)[b, r], want / np.linalg.norm(want), atol=1e-5)
+      np.testing.assert_allclose(np.asarray(ink)[b, r], (cells[b] * member[r]).sum() / 64, atol=1e-6)
+  assert np.asarray(ink)[0, 0] > 0 and np.asarray(ink)[0, 8] == 0  # no ink: masked out of the loss
+
+
+def test_pixel_distill_trains_and_leaves_teacher_and_text_bitwise_frozen():
+  config = _tiny(**{'tasks.pixel_distill': dict(weight=0.5, window=16, stride=8, crop_scale=2.0)})
+  config.teacher = load_config('vild', 'tiny').teacher  # a random tiny CLIP: the plumbing
+  s = trainer.setup(config)
+  with sharding.use(s.mesh, s.rules):
+    state = s.init_state(jax.random.PRNGKey(config.seed))
+  device = jax.devices()[0]
+  state = jax.device_put(jax.device_get(state), device)
+  assert set(state.frozen) == {'params', 'teacher'}
+  frozen_before, params_before = jax.device_get(state.frozen), jax.device_get(state.params)
+  step = jax.jit(trainer.make_step(s.model, s.objective, s.optimizer, s.schedule))
+  data = pipeline.make_iterator(config.data, batch_size=config.batch_size, image_size=32,
+                                context_length=config.model.text.context_length, seed=config.seed)
+  for _ in range(STEPS):
+    state, metrics = step(state, jax.device_put(s.objective.select(next(data)), device))
+  data.close()
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['pixel_distill/loss']) > 0
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.frozen), frozen_before)  # teacher + text
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state.params),
+                                         params_before))
+  assert any(changed)  # the student trained
+  with pytest.raises(ValueError, match='pixel_distill needs config.teacher'):
+    trainer.setup(_tiny(**{'tasks.pixel_distill': dict(weight=1.0)}))
+  with pytest.raises(ValueError, match=r"unknown options \['windw'\]"):
+    trainer.setup(_tiny(**{'tasks.pixel_distill': dict(windw=16)}))
+
+
 # ------------------------------------------------------------------ evaluation
 
 

@@ -112,9 +112,28 @@ def test_startup_refuses_bad_configs(overrides, match, tmp_path):
     trainer.train(tiny_config(**overrides), str(tmp_path), progress=False)
 
 
-def test_logs_summary_and_keep_n(tmp_path, capsys):
+def test_logs_summary_keep_n_and_no_compilation_after_the_first_step(tmp_path, capsys, monkeypatch):
+  """Also: the step compiles once, and later steps (new batches and rngs, logging, a checkpoint
+  every step) compile nothing."""
+  steps = []  # the jitted step functions the trainer made
+  make = trainer.jit_step
+  monkeypatch.setattr(trainer, 'jit_step', lambda s: steps.append(make(s)) or steps[-1])
+  events = []  # ('compile', name) from JAX, ('logged', step) from the metrics writer
+  listener = lambda event, duration, **_: events.append(('compile', event)) if 'backend_compile' in event else None
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  write = trainer.run_logging.MetricsWriter.write
+  monkeypatch.setattr(trainer.run_logging.MetricsWriter, 'write',
+                      lambda self, step, row: (events.append(('logged', step)), write(self, step, row))[1])
   config = tiny_config(total_steps=4, tensorboard=True, **{'checkpoint.every_steps': 1, 'checkpoint.keep': 2})
-  trainer.train(config, str(tmp_path), progress=False)
+  try:
+    trainer.train(config, str(tmp_path), progress=False)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(steps) == 1 and steps[0]._cache_size() == 1  # pylint: disable=protected-access
+  logged = [i for i, (kind, _) in enumerate(events) if kind == 'logged']
+  assert [events[i][1] for i in logged] == [1, 2, 3, 4]
+  assert any(kind == 'compile' for kind, _ in events[:logged[0]])  # the listener does see compilations
+  assert [e for e in events[logged[0]:] if e[0] == 'compile'] == []
   out = capsys.readouterr().out
   assert 'mesh: data=8, fsdp=1, tensor=1' in out and 'parameters: ' in out and 'per-device bytes' in out
   rows = [json.loads(line) for line in open(tmp_path / 'metrics.jsonl')]
@@ -148,3 +167,4 @@ def test_only_the_fields_the_objective_reads_are_selected():
   assert sorted(objective.select(batch)) == ['image', 'tokens']
   with pytest.raises(ValueError, match=r"needs batch fields \['tokens'\] but the data yields \['image'\]"):
     objective.select({'image': batch['image']})
+

@@ -5,13 +5,15 @@ the architecture comes from the HF config dict (`CLIPConfig.to_dict()`).
 Only ViT image towers exist in HF's CLIPModel.
 """
 
+import json
+import os
 import re
 from typing import Any, Mapping
 
 import ml_collections
 import numpy as np
 
-from clip_jax.convert import mapping as m
+from clip_jax.convert import io, mapping as m
 from clip_jax import models
 from clip_jax.models import layout, zoo
 
@@ -112,3 +114,24 @@ def from_hf_clip(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any], sc
 def to_hf_clip(config: ml_collections.ConfigDict, variables: Mapping) -> dict[str, np.ndarray]:
   """A state dict that transformers' CLIPModel(CLIPConfig(**hf_config(config))) loads strictly."""
   return m.to_state_dict(layout.to_loop(variables, config), rules(config))
+
+
+def load_hf_clip(directory: str, scan_layers: bool = False):
+  """(model_config, variables) from a `CLIPModel.save_pretrained` directory (config.json +
+  model.safetensors or pytorch_model.bin), e.g. one `python -m clip_jax.export --format hf` wrote."""
+  config_path = os.path.join(directory, 'config.json')
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f'{directory!r} has no config.json: pass a directory that CLIPModel.save_pretrained '
+                            'wrote (or python -m clip_jax.export --format hf)')
+  weights = [os.path.join(directory, n) for n in ('model.safetensors', 'pytorch_model.bin')
+             if os.path.isfile(os.path.join(directory, n))]
+  if not weights:
+    raise FileNotFoundError(f'{directory!r} has neither model.safetensors nor pytorch_model.bin (sharded '
+                            'checkpoints: load them with transformers and save_pretrained(safe_serialization=True, '
+                            'max_shard_size="100GB") first)')
+  with open(config_path) as f:
+    config_dict = json.load(f)
+  if config_dict.get('model_type', 'clip') != 'clip':
+    raise ValueError(f'{config_path}: model_type={config_dict["model_type"]!r}; only transformers CLIPModel '
+                     "('clip') directories convert here")
+  return from_hf_clip(io.load(weights[0]), config_dict, scan_layers=scan_layers)

@@ -2,7 +2,7 @@
 
 import os
 import zipfile
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -40,6 +40,8 @@ def _is_torchscript(path: str) -> bool:
     return any(name.endswith('constants.pkl') or '/code/' in name for name in z.namelist())
 
 
-def save_safetensors(state_dict: dict[str, np.ndarray], path: str) -> None:
+def save_safetensors(state_dict: dict[str, np.ndarray], path: str, metadata: Optional[dict[str, str]] = None) -> None:
+  """`metadata`: safetensors' string -> string header entries (transformers wants {'format': 'pt'})."""
   from safetensors.numpy import save_file
-  save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, path)
+  # ascontiguousarray turns 0-d arrays 1-d; the reshape keeps scalars (logit_scale) scalar.
+  save_file({k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in state_dict.items()}, path, metadata=metadata)

@@ -35,8 +35,10 @@ def _count(state_dict, pattern) -> int:
 
 
 def infer_config(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_width: int = 64,
-                 init_logit_bias: Optional[float] = None) -> ml_collections.ConfigDict:
+                 init_logit_bias: Optional[float] = None,
+                 vision_head_width: Optional[int] = None) -> ml_collections.ConfigDict:
   sd = state_dict
+  vision_head_width = vision_head_width or head_width
   required = ['text_projection', 'positional_embedding', 'token_embedding.weight', 'ln_final.weight']
   absent = [k for k in required if k not in sd]
   if absent or not ('visual.proj' in sd or 'visual.attnpool.c_proj.weight' in sd):
@@ -59,13 +61,15 @@ def infer_config(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_wi
     width, _, patch, _ = shape('visual.conv1.weight')
     grid = round((shape('visual.positional_embedding')[0] - 1) ** 0.5)
     vision = zoo.vit_vision(image_size=patch * grid, patch_size=patch, width=width,
-                            layers=_count(sd, r'^visual\.transformer\.resblocks\.(\d+)\.'), heads=width // head_width,
+                            layers=_count(sd, r'^visual\.transformer\.resblocks\.(\d+)\.'),
+                            heads=width // vision_head_width,
                             mlp_dim=shape('visual.transformer.resblocks.0.mlp.c_fc.weight')[0])
   else:
     layers = tuple(_count(sd, rf'^visual\.layer{i}\.(\d+)\.') for i in range(1, 5))
     grid = round((shape('visual.attnpool.positional_embedding')[0] - 1) ** 0.5)
     width = shape('visual.conv3.weight')[0]  # the stem's last conv outputs `width` channels
-    vision = zoo.resnet_vision(image_size=grid * 32, layers=layers, width=width, heads=width * 32 // head_width)
+    vision = zoo.resnet_vision(image_size=grid * 32, layers=layers, width=width,
+                                heads=width * 32 // vision_head_width)
   if 'logit_bias' in sd and init_logit_bias is None:
     init_logit_bias = float(m.to_numpy(sd['logit_bias']))
   return zoo.clip_config(embed_dim, vision, text, act=act, init_logit_bias=init_logit_bias)
@@ -130,15 +134,17 @@ def rules(config: ml_collections.ConfigDict) -> list:
 
 
 def from_open_clip(state_dict: Mapping[str, Any], act: str = 'quick_gelu', head_width: int = 64,
-                   scan_layers: bool = False):
+                   scan_layers: bool = False, vision_head_width: Optional[int] = None):
   """(model_config, variables) from an OpenAI or open_clip CLIP state dict.
 
-  Accepts torch tensors or numpy arrays in any float dtype (fp16 checkpoints
-  are upcast to the config's param dtype). `scan_layers=True` returns a config
-  with model.scan_layers set and the variables in its stacked layout.
+  `head_width` is the per-head width of both towers unless `vision_head_width`
+  sets the image tower's apart (open_clip's vision_cfg.head_width). Accepts
+  torch tensors or numpy arrays in any float dtype (fp16 checkpoints are upcast
+  to the config's param dtype). `scan_layers=True` returns a config with
+  model.scan_layers set and the variables in its stacked layout.
   """
   sd = _strip_prefixes(state_dict)
-  config = infer_config(sd, act=act, head_width=head_width)
+  config = infer_config(sd, act=act, head_width=head_width, vision_head_width=vision_head_width)
   variables = m.from_state_dict(sd, rules(config), models.abstract_variables(config), ignore=_IGNORED.search,
                                 what='open_clip state dict')
   config.scan_layers = bool(scan_layers)
@@ -151,3 +157,38 @@ def to_open_clip(config: ml_collections.ConfigDict, variables: Mapping) -> dict[
   for key in [k for k in sd if k.endswith('.running_mean')]:
     sd[key[:-len('running_mean')] + 'num_batches_tracked'] = np.zeros((), np.int64)
   return sd
+
+
+def _mlp_ratio(width: int, mlp_dim: int, where: str) -> float:
+  ratio = mlp_dim / width
+  if int(width * ratio) != mlp_dim:  # open_clip builds the MLP as int(width * mlp_ratio)
+    raise ValueError(f'{where}.mlp_dim={mlp_dim} is not int(width * ratio) for width {width} in float arithmetic; '
+                     'open_clip cannot build this MLP')
+  return ratio
+
+
+def open_clip_model_cfg(config: ml_collections.ConfigDict) -> dict:
+  """open_clip's `model_cfg` (embed_dim, vision_cfg, text_cfg, quick_gelu, ...) for a clip_jax CLIP config:
+  what `open_clip.CLIP(**cfg)` and the 'local-dir:' / add_model_config JSON files take."""
+  if config.get('name', 'clip') != 'clip':
+    raise ValueError(f'model.name={config.get("name")!r}: only CLIP models have an open_clip equivalent')
+  if config.act not in ('gelu', 'quick_gelu'):
+    raise ValueError(f'model.act={config.act!r}: open_clip has gelu and quick_gelu only')
+  v, t = config.vision, config.text
+  if t.get('eot_token_id') is not None:
+    raise ValueError(f'model.text.eot_token_id={t.eot_token_id}: open_clip pools at the largest token id '
+                     '(argmax); only eot_token_id=None models export to open_clip')
+  for name, tower in (('vision', v), ('text', t)):
+    if tower.width % tower.heads:
+      raise ValueError(f'model.{name}: width {tower.width} is not a multiple of heads {tower.heads}')
+  if v.kind == 'vit':
+    vision = dict(image_size=v.image_size, patch_size=v.patch_size, width=v.width, layers=v.layers,
+                  head_width=v.width // v.heads, mlp_ratio=_mlp_ratio(v.width, v.mlp_dim, 'model.vision'))
+  else:
+    vision = dict(image_size=v.image_size, layers=list(v.layers), width=v.width, head_width=v.width * 32 // v.heads)
+  text = dict(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, heads=t.heads,
+              layers=t.layers, mlp_ratio=_mlp_ratio(t.width, t.mlp_dim, 'model.text'))
+  cfg = dict(embed_dim=config.embed_dim, quick_gelu=config.act == 'quick_gelu', vision_cfg=vision, text_cfg=text)
+  if config.get('init_logit_bias') is not None:
+    cfg['init_logit_bias'] = float(config.init_logit_bias)
+  return cfg

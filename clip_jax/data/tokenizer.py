@@ -302,3 +302,10 @@ def tokenize(texts: Union[str, Sequence[str]],
 def decode(ids: Iterable[int]) -> str:
   """Text of one row of token ids; see Tokenizer.decode."""
   return default_tokenizer().decode(ids)
+
+
+def vocabulary() -> tuple[list, list]:
+  """(the 49408 BPE symbols in id order, the merges as (a, b) pairs in rank order): what
+  exporters write as a Hugging Face tokenizer's vocab.json / merges.txt."""
+  encoder, ranks, _, _ = _load_vocab()
+  return sorted(encoder, key=encoder.get), sorted(ranks, key=ranks.get)

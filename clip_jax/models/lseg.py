@@ -65,7 +65,8 @@ class SpatialRegularizer(nn.Module):
 
 
 class LSeg(nn.Module):
-  """`apply(variables, images [B, S, S, 3], class_embeddings [C, D])` -> logits [B, S, S, C].
+  """`apply(variables, images [B, S, S, 3], class_embeddings [C, D])` -> logits [B, S, S, C]
+  (with `return_pixels=True`: (logits, the pixel embeddings [B, S/2, S/2, D])).
 
   `method='pixel_embeddings'` gives the L2-normalised per-pixel embeddings
   [B, S/2, S/2, D] (for S a multiple of 32) and `method='encode_text'` the
@@ -116,7 +117,7 @@ class LSeg(nn.Module):
     x = self.decoder(hidden, (grid, grid), train=train)
     return constrain_map(l2_normalize(self.head(x)))
 
-  def __call__(self, images, class_embeddings, *, train: bool = False):
+  def __call__(self, images, class_embeddings, *, train: bool = False, return_pixels: bool = False):
     if class_embeddings.ndim != 2 or class_embeddings.shape[-1] != self.embed_dim:
       raise ValueError(f'class_embeddings must be [num_classes, {self.embed_dim}] (encode_text of the class '
                        f'prompts); got shape {tuple(class_embeddings.shape)}')
@@ -127,7 +128,8 @@ class LSeg(nn.Module):
     logits = constrain_map(logits)
     if self.spatial_reg != 'none':
       logits = self.regularizer(logits)
-    return resize_bilinear_align_corners(logits, images.shape[1:3])
+    logits = resize_bilinear_align_corners(logits, images.shape[1:3])
+    return (logits, pixels) if return_pixels else logits
 
 
 # --- configuration -----------------------------------------------------------------------------
