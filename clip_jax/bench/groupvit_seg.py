@@ -8,6 +8,9 @@ compilation included). Then scores both on the same held-out multi-digit
 canvases with `python -m clip_jax.evaluate segment`, next to the
 all-background prediction: one table, mIoU over background + the ten digits.
 No masks are used in training; the test canvases draw only test-split scans.
+Both variants distill from the main job's CLIP, so run it first (its workdir
+is the configs' config.teacher.workdir, runs/digits, relative to the current
+directory).
 """
 
 import argparse
