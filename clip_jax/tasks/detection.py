@@ -82,10 +82,9 @@ def crop_embeddings(teacher, teacher_variables, pixels, rois, scales):
 def vild_forward_for(config):
   """(forward, batch keys) of a ViLD run; the teacher module and the base prompts are fixed here."""
   vocab = classes_lib.from_config(config)
-  teacher_config = pretrained.teacher_config(config)
-  if teacher_config is None:
-    raise ValueError('a ViLD run needs config.teacher (the frozen CLIP whose text tower embeds the class names '
-                     'and whose image tower ViLD-image distills); see clip_jax.train.pretrained')
+  teacher_config = pretrained.required_teacher_config(
+      config, 'a ViLD run needs config.teacher (the frozen CLIP whose text tower embeds the class names and whose '
+      'image tower ViLD-image distills)')
   teacher = models.build(teacher_config)
   base_tokens = jnp.asarray(vocab.tokens(vocab.train_ids, teacher_config.text.context_length))
   lookup = vocab.train_lookup()

@@ -59,11 +59,8 @@ def vild_image(config, options) -> ViLDImageTask:
 # --- feature distillation: a student's image embeddings taught by a CLIP teacher's ---------------
 
 def _teacher(config):
-  teacher_config = pretrained.teacher_config(config)
-  if teacher_config is None:
-    raise ValueError('config.tasks.feature_distill needs config.teacher (the CLIP whose image embeddings the '
-                     'model learns); see clip_jax.train.pretrained')
-  return models.build(teacher_config)
+  return models.build(pretrained.required_teacher_config(
+      config, 'config.tasks.feature_distill needs config.teacher (the CLIP whose image embeddings the model learns)'))
 
 
 def with_teacher_features(forward, config):

@@ -56,11 +56,9 @@ def lseg_forward_for(config):
   distill = config.get('tasks', {}).get('pixel_distill')
   if distill:
     opts = _distill_options(distill)
-    teacher_config = pretrained.teacher_config(config)
-    if teacher_config is None:
-      raise ValueError('config.tasks.pixel_distill needs config.teacher (the frozen CLIP whose crop embeddings the '
-                       'pixel embeddings learn); see clip_jax.train.pretrained')
-    teacher = models.build(teacher_config)
+    teacher = models.build(pretrained.required_teacher_config(
+        config, 'config.tasks.pixel_distill needs config.teacher (the frozen CLIP whose crop embeddings the pixel '
+        'embeddings learn)'))
     size = config.model.vision.image_size
     windows, membership = distill_windows(size, opts['window'], opts['stride'])
 

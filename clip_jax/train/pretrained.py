@@ -82,6 +82,14 @@ def teacher_config(config) -> Optional[ml_collections.ConfigDict]:
   return model
 
 
+def required_teacher_config(config, needs: str) -> ml_collections.ConfigDict:
+  """teacher_config(config), or a ValueError: `needs` (who needs config.teacher, and for what) + where to read."""
+  model = teacher_config(config)
+  if model is None:
+    raise ValueError(f'{needs}; see clip_jax.train.pretrained')
+  return model
+
+
 def check_init(config) -> None:
   """Config checks before anything loads (called by the trainer's setup)."""
   init = config.get('init')
