@@ -14,8 +14,16 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from clip_jax.train import frozen as frozen_lib
+
 # forward(model, variables, batch, *, train, rngs) -> (outputs, updated mutable collections)
 Forward = Callable[..., tuple[dict, dict]]
+
+
+def mutable_collections(variables: Mapping, train: bool) -> list:
+  """The collections a forward updates: when training, all but the parameters and a teacher's
+  (BatchNorm statistics); none in evaluation."""
+  return [k for k in variables if k not in ('params', frozen_lib.TEACHER)] if train else []
 
 
 class Task(abc.ABC):

@@ -5,14 +5,14 @@ import dataclasses
 from clip_jax.data import transforms
 from clip_jax.losses import contrastive as losses
 from clip_jax.losses import ring
-from clip_jax.tasks.base import Task
+from clip_jax.tasks.base import Task, mutable_collections
 
 
 def clip_forward(model, variables, batch, *, train: bool, rngs: dict):
   """Feeds uint8 images (normalised here, on device) and tokens to a two-tower model."""
   del rngs  # no dropout in the CLIP towers
   images = transforms.normalize(batch['image'])
-  mutable = [k for k in variables if k != 'params'] if train else []
+  mutable = mutable_collections(variables, train)
   if mutable:
     out, updates = model.apply(variables, images, batch['tokens'], train=train, mutable=mutable)
   else:

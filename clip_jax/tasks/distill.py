@@ -22,7 +22,7 @@ import jax
 from clip_jax import models
 from clip_jax.data import transforms
 from clip_jax.losses import detection as losses
-from clip_jax.tasks.base import Task
+from clip_jax.tasks.base import Task, mutable_collections
 from clip_jax.train import frozen as frozen_lib
 from clip_jax.train import pretrained
 
@@ -99,7 +99,7 @@ def with_teacher_features(forward, config):
 def _image_only_forward(model, variables, batch, *, train: bool, rngs: dict):
   del rngs
   images = transforms.normalize(batch['image'])
-  mutable = [k for k in variables if k != 'params'] if train else []
+  mutable = mutable_collections(variables, train)
   kw = dict(method='encode_image', train=train, normalize=True)
   if mutable:
     student, updates = model.apply(variables, images, mutable=mutable, **kw)

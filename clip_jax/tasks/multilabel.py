@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from clip_jax.data import prompts as prompts_lib
 from clip_jax.data import transforms
 from clip_jax.losses import multilabel
-from clip_jax.tasks.base import Task
+from clip_jax.tasks.base import Task, mutable_collections
 
 
 def _captions_and_prompts(tokens, prompt_tokens):
@@ -74,7 +74,7 @@ def clip_prompts_forward(model, variables, batch, *, train: bool, rngs: dict):
   del rngs  # no dropout in the CLIP towers
   images = transforms.normalize(batch['image'])
   args = (images, batch['tokens'], batch.get('prompt_tokens'), train)
-  mutable = [k for k in variables if k != 'params'] if train else []
+  mutable = mutable_collections(variables, train)
   if mutable:
     return model.apply(variables, *args, method=_clip_outputs, mutable=mutable)
   return model.apply(variables, *args, method=_clip_outputs), {}

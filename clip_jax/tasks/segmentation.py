@@ -32,13 +32,10 @@ from clip_jax.losses import detection as det_losses
 from clip_jax.models.clip import l2_normalize
 from clip_jax.tasks import classes as classes_lib
 from clip_jax.tasks import detection
-from clip_jax.tasks.base import Task
+from clip_jax.tasks.base import Task, mutable_collections
 from clip_jax.train import frozen as frozen_lib
 from clip_jax.train import pretrained
 
-
-def _mutable(variables):
-  return [k for k in variables if k not in ('params', frozen_lib.TEACHER)]
 
 
 def _lseg_logits(module, images, class_tokens, train, return_pixels=False):
@@ -68,7 +65,7 @@ def lseg_forward_for(config):
     variables = dict(variables)
     teacher_variables = variables.pop(frozen_lib.TEACHER, None)
     images = transforms.normalize(batch['image'])
-    mutable = _mutable(variables) if train else []
+    mutable = mutable_collections(variables, train)
     args = (images, class_tokens, train, bool(distill))
     if mutable:
       out, updates = model.apply(variables, *args, method=_lseg_logits, mutable=mutable)
