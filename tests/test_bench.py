@@ -1,4 +1,4 @@
-"""`python -m clip_jax.bench train`: MFU arithmetic, XLA FLOP counts, section flags, the JSON of a tiny run."""
+"""`python -m clip_jax.bench train` and `profile`: MFU arithmetic, XLA FLOP counts, section flags, trace sums, tiny runs."""
 
 import json
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clip_jax.bench import __main__ as bench_cli
+from clip_jax.bench import profile as bench_profile
 from clip_jax.bench import step as step_lib
 from clip_jax.bench import train as train_bench
 from conftest import ROOT
@@ -119,3 +120,61 @@ def test_random_batch_tokens_end_in_eot():
   batch = step_lib.random_batch(spec, vocab_size=100)
   assert batch['image'].dtype == np.uint8 and batch['tokens'].dtype == np.int32
   assert (batch['tokens'].max(1) == 99).all()  # argmax pooling finds the EOT
+
+
+def test_model_flops_ignore_scan_and_remat():
+  """The step's FLOPs are the model's: a scanned stack (whose loop body XLA's count of the compiled
+  program sees once) and a remat policy (whose recomputed matmuls it counts twice) give the
+  unrolled, remat-free count."""
+  base = train_bench.step_config(train_bench.load_config(f'{ROOT}/configs/clip_digits.py:tiny'), model='tiny')
+  plain = step_lib.model_flops(base)
+  scanned = train_bench.step_config(base, scan_layers=True, remat='dots')
+  assert step_lib.model_flops(scanned) == pytest.approx(plain, rel=1e-9)
+  assert scanned.model.scan_layers and scanned.model.remat == 'dots'  # the caller's config is untouched
+
+
+def _event(tid, name, dur, ph='X'):
+  return dict(ph=ph, tid=tid, name=name, dur=dur, ts=0, pid=1)
+
+
+def test_profile_sums_xla_operations_only():
+  events = [
+      dict(ph='M', tid=1, name='thread_name', args=dict(name='tf_XLAEigen/123')),
+      dict(ph='M', tid=2, name='thread_name', args=dict(name='python')),
+      _event(1, 'ynn_fusion.3', 30.0), _event(1, 'ynn_fusion.4', 10.0), _event(1, 'copy_bitcast_fusion.7', 20.0),
+      _event(1, 'ynn_fusion.3', 5.0),                         # a second call of the same kernel
+      _event(1, 'ThunkExecutor::Execute', 100.0), _event(1, 'end: ynn_fusion.3', 1.0),  # runtime spans
+      _event(1, 'while.2', 60.0),                             # a loop: contains its body's operations
+      _event(2, 'ynn_fusion.9', 500.0),                       # not an XLA thread
+      _event(1, 'copy.1', 7.0, ph='i'),                       # not a complete event
+  ]
+  times = bench_profile.op_times(events)
+  assert times == {'ynn_fusion.3': 35.0, 'ynn_fusion.4': 10.0, 'copy_bitcast_fusion.7': 20.0}
+  assert bench_profile.by_kind(times) == {'ynn_fusion': 45.0, 'copy_bitcast_fusion': 20.0}
+
+
+def test_profile_describes_fusions_by_their_root():
+  hlo = ('\n%fused_computation.5 (p: f32[4,8]) -> f32[8,4] {\n'
+         '  %p = f32[4,8]{1,0} parameter(0)\n'
+         '  ROOT %t = f32[8,4]{1,0} transpose(%p), dimensions={1,0}, '
+         'metadata={op_name="jit(step)/transpose(jvp(CLIP))/resblocks_3/mlp/c_fc/dot_general"}\n}\n'
+         '\nENTRY %main {\n'
+         '  %copy_bitcast_fusion.7 = f32[8,4]{1,0} fusion(%x), kind=kLoop, calls=%fused_computation.5\n'
+         '  %dot.2 = f32[4,4]{1,0} dot(%a, %b), metadata={op_name="jit(step)/jvp(CLIP)/attn/dot_general"}\n}\n')
+  assert bench_profile.describe(hlo, 'copy_bitcast_fusion.7') == dict(
+      shape='f32[8,4]{1,0}', source='jit(step)/transpose(jvp(CLIP))/resblocks_3/mlp/c_fc/dot_general')
+  assert bench_profile.describe(hlo, 'dot.2')['source'] == 'jit(step)/jvp(CLIP)/attn/dot_general'
+  assert bench_profile.describe(hlo, 'missing.1') == dict(shape='', source='')
+
+
+def test_profile_command_on_a_tiny_step(tmp_path, capsys):
+  out = tmp_path / 'profile.json'
+  bench_cli.main(['profile', '--config', f'{ROOT}/configs/clip_digits.py:tiny', '--steps', '1', '--warmup', '0',
+                  '--top', '3', '--trace_dir', str(tmp_path / 'trace'), '--json', str(out)])
+  r = json.loads(out.read_text())
+  assert r['scan_layers'] and r['remat'] == 'dots' and len(r['step_seconds']) == 1
+  assert len(r['top']) == 3 and r['op_seconds_per_step'] > 0
+  assert sum(k['share'] for k in r['kinds'].values()) == pytest.approx(1.0)
+  assert any(k.startswith(('ynn_fusion', 'dot', 'fusion')) for k in r['kinds'])  # the matmuls are there
+  assert 'while' not in r['kinds']
+  assert 'longest operations:' in capsys.readouterr().out

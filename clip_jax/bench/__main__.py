@@ -6,9 +6,9 @@ subcommand and sets `func`; add new ones to _BENCHMARKS.
 
 import argparse
 
-from clip_jax.bench import groupvit_seg, tokenizer, train
+from clip_jax.bench import groupvit_seg, profile, tokenizer, train
 
-_BENCHMARKS = (tokenizer, train, groupvit_seg)
+_BENCHMARKS = (tokenizer, train, profile, groupvit_seg)
 
 
 def main(argv=None) -> None:

@@ -1,10 +1,13 @@
 """Train-step timing, FLOPs and MFU: the pieces `python -m clip_jax.bench train` is built from.
 
-FLOPs come from XLA's cost analysis of the compiled step (the program one
-device runs, so MFU is per device: that program's FLOPs over the step time
-over one device's peak). The peak is measured in the same run by a dense
-matmul on the same device, in the model's compute dtype; on a known GPU/TPU
-the datasheet's dense bf16 peak is reported beside it.
+FLOPs are the model's: XLA's cost analysis of the step as traced with the
+transformer blocks unrolled and nothing rematerialised (`model_flops`), over
+the devices. The compiled program's own count would be wrong both ways: a
+scanned stack's loop body counts once, and rematerialised matmuls count twice.
+MFU is per device: those FLOPs over the step time over one device's peak.
+The peak is measured in the same run by a dense matmul on the same device,
+in the model's compute dtype; on a known GPU/TPU the datasheet's dense bf16
+peak is reported beside it.
 """
 
 import statistics
@@ -53,9 +56,9 @@ def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_s: Optional[f
   return flops_per_step / step_seconds / peak_flops_per_s
 
 
-def cost_flops(compiled) -> float:
-  """FLOPs of one execution of a compiled jax function (`jit(f).lower(...).compile()`), per XLA."""
-  analysis = compiled.cost_analysis()
+def cost_flops(program) -> float:
+  """FLOPs of one execution of a lowered or compiled jax function (`jit(f).lower(...)[.compile()]`), per XLA."""
+  analysis = program.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
     analysis = analysis[0]
   if not analysis or 'flops' not in analysis:
@@ -98,6 +101,20 @@ def random_batch(abstract: dict, vocab_size: int, seed: int = 0) -> dict:
   return out
 
 
+def model_flops(config) -> float:
+  """FLOPs of one train step of `config` for the whole mesh: its lowering with the blocks in a Python
+  loop and remat 'none' (no compilation), so a scan or remat setting does not change the count."""
+  from clip_jax import sharding  # pylint: disable=g-import-not-at-top
+  from clip_jax.train import trainer  # pylint: disable=g-import-not-at-top
+  c = config.copy_and_resolve_references()
+  for field, plain in (('scan_layers', False), ('remat', 'none')):
+    if field in c.model:
+      c.model[field] = plain
+  s = trainer.setup(c)
+  with sharding.use(s.mesh, s.rules):
+    return cost_flops(trainer.jit_step(s).lower(s.abstract_state, trainer.abstract_batch(s)))
+
+
 class JaxStep:
   """clip_jax's train step for a config, compiled once (AOT), its inputs already on device.
 
@@ -119,8 +136,8 @@ class JaxStep:
       self.state = s.init_state(jax.random.PRNGKey(seed))
       self.batch = trainer.global_batch(s.mesh, random_batch(abstract, config.model.text.vocab_size, seed))
     jax.block_until_ready((self.state, self.batch))
-    self.flops = cost_flops(self.compiled)  # per device
     self.devices = s.mesh.size
+    self.flops = model_flops(config) / self.devices  # per device
     self.device = s.mesh.devices.flat[0]
     self.dtype = jnp.dtype(config.model.get('dtype', 'float32'))  # the matmuls' compute dtype
 

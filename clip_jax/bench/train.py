@@ -45,8 +45,8 @@ def load_config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def step_config(config, model=None, batch_size=None, image_size=None, dtype=None):
-  """The config with the benchmark's overrides: a zoo model, batch, image size, compute dtype."""
+def step_config(config, model=None, batch_size=None, image_size=None, dtype=None, scan_layers=None, remat=None):
+  """The config with the benchmark's overrides: a zoo model, batch, image size, compute dtype, layer scan, remat."""
   from clip_jax.models import zoo  # pylint: disable=g-import-not-at-top
   c = config.copy_and_resolve_references()
   if model:
@@ -57,8 +57,34 @@ def step_config(config, model=None, batch_size=None, image_size=None, dtype=None
     c.model.vision.image_size = image_size
   if dtype:
     c.model.dtype = dtype
+  if scan_layers is not None:
+    c.model.scan_layers = scan_layers
+  if remat is not None:
+    c.model.remat = remat
   c.grad_accum_steps = 1
   return c
+
+
+def add_layer_flags(parser) -> None:
+  """--scan_layers and --remat: how the step runs the transformer blocks (the same model and FLOPs)."""
+  from clip_jax.layers import remat as remat_lib  # pylint: disable=g-import-not-at-top
+  parser.add_argument('--scan_layers', default='on', choices=('on', 'off', 'config'),
+                      help="step sections: transformer blocks under nn.scan ('on'), in a Python loop ('off') or as "
+                      "the config says. On XLA:CPU the loop's backward fuses into per-layer transposing copies "
+                      "that recompute the residual-gradient chain; the scan's loop boundary stores it (README)")
+  parser.add_argument('--remat', default='dots', choices=sorted(remat_lib.POLICIES) + ['config'],
+                      help="step sections: remat policy per block ('dots': keep the matmul outputs, recompute the "
+                      "elementwise ops, which on CPU is faster than storing them) or the config's")
+
+
+def layer_overrides(args) -> tuple:
+  """(scan_layers, remat) overrides for step_config from the flags (None: the config's)."""
+  scan = {'on': True, 'off': False, 'config': None}[args.scan_layers]
+  return scan, None if args.remat == 'config' else args.remat
+
+
+def layers_label(r: dict) -> str:
+  return f'{"scan" if r.get("scan_layers") else "loop"} layers, remat {r.get("remat", "none")}'
 
 
 def _progress(message: str) -> None:
@@ -85,9 +111,10 @@ def run(args) -> dict:
   from clip_jax.bench import step as step_lib  # pylint: disable=g-import-not-at-top
   sections = parse_sections(args.sections)
   base = load_config(args.config)
-  config = step_config(base, args.model, args.batch_size, args.image_size, args.dtype)
+  config = step_config(base, args.model, args.batch_size, args.image_size, args.dtype, *layer_overrides(args))
   device = jax.devices()[0]
   result = dict(sections=list(sections), config=args.config, model=args.model or 'from config',
+                scan_layers=bool(config.model.get('scan_layers', False)), remat=config.model.get('remat', 'none'),
                 device=dict(platform=device.platform, kind=device.device_kind, count=jax.device_count(),
                             host=platform.node(), threads=_threads()),
                 steps=args.steps, warmup=args.warmup, rounds=args.rounds)
@@ -176,7 +203,7 @@ def report(r: dict) -> None:
           f'datasheet bf16 {_fmt(p["datasheet_bf16_flops_per_s"] and p["datasheet_bf16_flops_per_s"] / 1e12)} TFLOP/s')
   if 'step' in r:
     s = r['step']
-    print(f'step [{r["model"]}, batch {s["batch_size"]}]: {s["images_per_second"]:,.1f} images/s '
+    print(f'step [{r["model"]}, batch {s["batch_size"]}, {layers_label(r)}]: {s["images_per_second"]:,.1f} images/s '
           f'(median {s["median_step_seconds"] * 1e3:,.1f} ms; compile {s["compile_seconds"]:.1f} s); '
           f'{s["flops_per_step_per_device"] / 1e9:,.1f} GFLOP/step/device (XLA), '
           f'{s["achieved_flops_per_s"] / 1e9:,.1f} GFLOP/s; MFU {_fmt(s["mfu_measured_peak"], ".1%")} of measured peak, '
@@ -225,6 +252,7 @@ def add_parser(subparsers) -> None:
   parser.add_argument('--batch_size', type=int, default=None, help='step sections: global batch')
   parser.add_argument('--image_size', type=int, default=None, help='step sections: image side')
   parser.add_argument('--dtype', default=None, help="step sections: compute dtype ('bfloat16' on GPU/TPU)")
+  add_layer_flags(parser)
   parser.add_argument('--sections', default=','.join(SECTIONS), type=_sections_arg,
                       help=f'comma-separated subset of {",".join(SECTIONS)}')
   parser.add_argument('--steps', type=int, default=1, help='timed steps per round')
