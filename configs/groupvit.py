@@ -9,6 +9,12 @@ The objective is GroupViT's, image-caption contrastive plus the multi-label
 contrastive loss over the caption's nouns ("a photo of a seven."), with a
 third term in the same step: the image and text embeddings are pulled toward
 the main job's CLIP (config.teacher, runs/digits; clip_jax.tasks.distill).
+Two training choices keep the grouping from collapsing in a run this short
+(every patch in one group, so one segment per image): the assignment takes
+the noise-free argmax (model.vision.gumbel=False; NVlabs' option, with the
+same straight-through gradients; inference is unchanged) and a fourth term,
+config.tasks.group_balance, penalises a stage whose tokens pile into few
+groups (clip_jax.losses.grouping). Neither reads a label.
 Captions alone teach a ViT these digits slowly: a GroupViT trained without the
 teacher was at chance zero-shot at step 300 and its segments scored 0.003
 digit mIoU at step 500. The teacher also learned from captions only,
@@ -45,10 +51,10 @@ def _text():
 
 
 def groupvit_model() -> ml_collections.ConfigDict:
-  # 64 patches -> 8 segments -> 4, then a plain stage over the 4: room for up to three digits and
+  # 64 patches -> 8 segments, then a plain stage over the 8: room for up to three digits and
   # the background.
-  vision = groupvit_zoo.groupvit_vision(_IMAGE, _PATCH, _WIDTH, _HEADS, depths=(3, 1, 1),
-                                        num_group_tokens=(8, 4, 0), num_output_groups=(8, 4, 4))
+  vision = groupvit_zoo.groupvit_vision(_IMAGE, _PATCH, _WIDTH, _HEADS, depths=(3, 2),
+                                        num_group_tokens=(8, 0), num_output_groups=(8, 8), gumbel=False)
   return groupvit_zoo.groupvit_config(128, vision, groupvit_zoo.groupvit_text(**_text()),
                                       projection_mlp_dim=256)
 
@@ -66,7 +72,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 64
-  c.total_steps = 1500
+  c.total_steps = 3000
   c.log_every_steps = 100
   c.max_bad_steps = 20
   c.tensorboard = True
@@ -77,6 +83,8 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.tasks.contrastive = dict(weight=1.0, loss='softmax')
   c.tasks.multi_label = dict(weight=1.0)
   c.tasks.feature_distill = dict(weight=1.0, text=True)
+  if variant != 'clip_baseline':
+    c.tasks.group_balance = dict(weight=0.2)
   c.teacher = ml_collections.ConfigDict(dict(model=None, workdir='runs/digits', open_clip='', step=None))
 
   c.optim = optim.default_config()
@@ -95,7 +103,7 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
   c.data.prompts.vocabulary = 'digits'
 
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=2))
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2))
   c.eval = digits_eval.default_config()
   c.eval.num_retrieval = 0
   c.eval.segmentation = segmentation.default_config()
@@ -108,6 +116,9 @@ def get_config(arg: str = '') -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 1
     c.model = groupvit_zoo.get('tiny')
     del c.tasks.feature_distill
+    # With it the tiny run's 8-device and single-device losses part by 2.8e-4 by step 10 (measured; the
+    # hard-assignment shares it reads flip with rounding); the term has its own tests.
+    del c.tasks.group_balance
     del c.teacher
     c.model.text.context_length = _CONTEXT
     c.data.digits.num_train = 512

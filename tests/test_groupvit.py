@@ -17,6 +17,7 @@ from transformers import GroupViTConfig, GroupViTModel
 from clip_jax import models, sharding
 from clip_jax.convert import StateDictError, from_hf_groupvit, hf_groupvit_config, to_hf_groupvit
 from clip_jax.convert.hf_groupvit import config_from_hf
+from clip_jax.losses import grouping as grouping_loss
 from clip_jax.models import groupvit_zoo
 from parity_helpers import nhwc, perturb_, random_inputs, to_torch_state_dict
 
@@ -217,3 +218,53 @@ def test_chaining_follows_hf():
   config = groupvit_zoo.get('tiny')
   config.vision.num_output_groups = (8, 3, 3)  # 8 -> 4 group tokens, 3 output segments
   groupvit_zoo.validate(config)
+
+
+def test_gumbel_off_trains_on_the_noise_free_argmax(tiny):
+  """vision.gumbel=False: training's hard map is the eval argmax whatever the key, with the same
+  straight-through gradients (a training choice: the parameters and eval outputs are unchanged)."""
+  config = tiny['config'].copy_and_resolve_references()
+  config.vision.gumbel = False
+  model, images, variables = models.build(config), tiny['images'], tiny['variables']
+  maps = jax.jit(lambda key, train: model.apply(variables, images, train=train, return_attentions=True,
+                                                rngs={'gumbel': key}, mutable=['batch_stats'],
+                                                method='encode_image')[0][1]['hard'], static_argnums=1)
+  eval_hard = [np.asarray(h) for h in maps(jax.random.PRNGKey(0), False)]
+  for key in (3, 4):
+    for got, want in zip(maps(jax.random.PRNGKey(key), True), eval_hard):
+      np.testing.assert_array_equal(np.asarray(got), want)
+  # No 'gumbel' stream needed.
+  jax.eval_shape(lambda: model.apply(variables, images, train=True, mutable=['batch_stats'], method='encode_image'))
+
+
+def test_load_balance_is_one_when_spread_and_g_when_collapsed():
+  g, length = 4, 8
+  spread = jax.nn.one_hot(jnp.arange(length) % g, g, axis=0)[None]     # [1, G, L], two tokens per group
+  collapsed = jax.nn.one_hot(jnp.zeros(length, int), g, axis=0)[None]  # every token in group 0
+  assert float(grouping_loss.load_balance(spread, spread)) == pytest.approx(1.0)
+  assert float(grouping_loss.load_balance(collapsed, collapsed)) == pytest.approx(g)
+  # Near-uniform soft maps with a collapsed hard map (what a short run shows): the value is about 1,
+  # and the gradient lowers every token's logit for the group that took them all, and only that one.
+  logits = 0.01 * jax.random.normal(jax.random.PRNGKey(0), (1, g, length))
+  logits = logits.at[:, 0].add(0.1)
+  value, grad = jax.value_and_grad(
+      lambda z: grouping_loss.load_balance(jax.nn.softmax(z, axis=1), collapsed))(logits)
+  assert float(value) == pytest.approx(g * float(jax.nn.softmax(logits, axis=1)[0, 0].mean()), rel=1e-6)
+  grad = np.asarray(grad)[0]
+  assert (grad[0] > 0).all() and (grad[1:] < 0).all()  # descent: group 0 down, the others up
+  with pytest.raises(ValueError, match=r'must both be \[B, G, L\]'):
+    grouping_loss.load_balance(spread, spread[0])
+  assert float(grouping_loss.largest_group_share(spread)) == pytest.approx(1 / g)
+  assert float(grouping_loss.largest_group_share(collapsed)) == pytest.approx(1.0)
+
+
+def test_group_balance_task_needs_a_groupvit():
+  from clip_jax import tasks  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from clip_jax.models import zoo  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict(dict(model=zoo.get('tiny'), tasks=dict(group_balance=dict(weight=0.1))))
+  with pytest.raises(ValueError, match=r"group_balance balances GroupViT's grouping stages; model.name='clip'"):
+    tasks.build_objective(config)
+  config.tasks.group_balance.strength = 2
+  with pytest.raises(ValueError, match=r"unknown options \['strength'\]; it takes only `weight`"):
+    tasks.build_objective(config)

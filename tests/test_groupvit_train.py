@@ -20,6 +20,7 @@ from clip_jax import checkpoint, models, sharding, tasks
 from clip_jax.data import digits, pipeline, prompts, tokenizer, transforms
 from clip_jax.evaluate import __main__ as evaluate_cli
 from clip_jax.evaluate import segmentation
+from clip_jax.losses import grouping as grouping_loss
 from clip_jax.losses import multilabel
 from clip_jax.models import zoo
 from clip_jax.train import frozen as frozen_lib
@@ -191,6 +192,7 @@ def _random_variables(model_config, seed):
 
 def test_teacher_term_adds_to_the_groupvit_objective():
   config = _with_teacher(weight=0.5)
+  config.tasks.group_balance = dict(weight=0.2)  # the digits variant's four terms
   objective = tasks.build_objective(config)
   model, teacher = models.build(config.model), models.build(config.teacher.model)
   variables = dict(_random_variables(config.model, 0))
@@ -219,8 +221,14 @@ def test_teacher_term_adds_to_the_groupvit_objective():
   text_d = np.concatenate([caption_d, prompt_d[valid]])
   assert 0 < valid.sum() < valid.size  # some images have fewer digits than prompt slots
   np.testing.assert_allclose(metrics['feature_distill/loss'], image_d.mean() + text_d.mean(), rtol=1e-5)
-  parts = metrics['contrastive/loss'] + metrics['multi_label/loss'] + 0.5 * metrics['feature_distill/loss']
+  balance = config.tasks.group_balance.weight * metrics['group_balance/loss']
+  parts = metrics['contrastive/loss'] + metrics['multi_label/loss'] + 0.5 * metrics['feature_distill/loss'] + balance
   np.testing.assert_allclose(total, parts, rtol=1e-6)
+  # The balance term written out: one grouping stage of the tiny model per entry of the maps.
+  _, aux = jax.jit(lambda v, x: model.apply(v, x, normalize=True, return_attentions=True, method='encode_image'))(
+      {k: variables[k] for k in ('params', 'batch_stats')}, transforms.normalize(batch['image']))
+  want_balance = np.mean([grouping_loss.load_balance(s, h) for s, h in zip(aux['soft'], aux['hard'])])
+  np.testing.assert_allclose(metrics['group_balance/loss'], want_balance, rtol=1e-6)
   assert metrics['multi_label/loss'] > 0 and metrics['feature_distill/loss'] > 0
 
 
@@ -380,3 +388,37 @@ def test_segment_cli_bad_input(run, tmp_path, capsys):
   assert '--num_digits 2 5: need 1 <= MIN <= MAX <= 3' in capsys.readouterr().err
   with pytest.raises(ValueError, match=r"zero-shot segmentation needs a GroupViT or a CLIP ViT"):
     segmentation.method_name(zoo.get('RN50'))
+
+
+def _softmax(x, axis=-1):
+  e = np.exp(x - x.max(axis=axis, keepdims=True))
+  return e / e.sum(axis=axis, keepdims=True)
+
+
+@pytest.mark.parametrize('scale', [100.0, 12.5])
+def test_label_pixels_is_nvlabs_procedure(scale):
+  """NVlabs' GroupViTSegInference written out in numpy on one image, nearest-size maps (no resize):
+  argmax segment per pixel; softmax(s g.t) times the top-k-restricted softmax; background below
+  min(bg_thresh, the largest group-class affinity)."""
+  rng = np.random.default_rng(0)
+  b, side, g, c, d, k, thresh = 3, 4, 5, 6, 8, 3, 0.5
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  maps = rng.uniform(size=(b, side, side, g)).astype(np.float32)
+  segments = unit(rng.standard_normal((b, g, d))).astype(np.float32)
+  image = unit(rng.standard_normal((b, d))).astype(np.float32)
+  classes = unit(rng.standard_normal((c, d))).astype(np.float32)
+  seg, group = segmentation.label_pixels(maps, segments, image, classes, out_size=side, top_k=k,
+                                         bg_thresh=thresh, logit_scale=scale)
+  for i in range(b):
+    onehot = np.eye(g)[maps[i].argmax(-1)]                          # [S, S, G]
+    logits = scale * segments[i] @ classes.T                         # [G, C]
+    top = np.argsort(-(image[i] @ classes.T))[:k]
+    restricted = np.full_like(logits, -np.inf)
+    restricted[:, top] = logits[:, top]
+    affinity = _softmax(restricted) * _softmax(logits)
+    per_pixel = onehot @ affinity                                    # [S, S, C]
+    want = per_pixel.argmax(-1) + 1
+    want[per_pixel.max(-1) < min(thresh, affinity.max())] = 0
+    np.testing.assert_array_equal(np.asarray(group[i]), maps[i].argmax(-1))
+    np.testing.assert_array_equal(np.asarray(seg[i]), want)
+  assert (np.asarray(seg) == 0).any() and (np.asarray(seg) > 0).any()  # both branches exercised

@@ -44,7 +44,8 @@ def add_parser(commands):
   p.add_argument('--seed', type=int, default=None, help='which test canvases')
   p.add_argument('--top_k', type=int, default=None, help='image-level classes a segment may take (NVlabs: 5)')
   p.add_argument('--bg_thresh', type=float, default=None, help='background below this class probability (0.95)')
-  p.add_argument('--logit_scale', type=float, default=None, help='similarity scale of the class softmax (100)')
+  p.add_argument('--logit_scale', type=float, default=None,
+                 help="similarity scale of the class softmax (default: each model's own, capped at 100, as NVlabs)")
   p.add_argument('--batch_size', type=int, default=None)
   p.add_argument('--out', default=None, help='directory for the PNG panels (default WORKDIR/segment)')
   p.add_argument('--num_png', type=int, default=16, help='panels to write (0: none; label masks are always written)')
@@ -64,7 +65,8 @@ def _settings(config, args):
   lo, hi = base.num_digits
   if not 1 <= lo <= hi <= 3:
     raise ValueError(f'--num_digits {lo} {hi}: need 1 <= MIN <= MAX <= 3 digits per canvas')
-  return base, segmentation.Settings(int(base.top_k), float(base.bg_thresh), float(base.logit_scale),
+  scale = None if base.logit_scale is None else float(base.logit_scale)
+  return base, segmentation.Settings(int(base.top_k), float(base.bg_thresh), scale,
                                      int(base.batch_size))
 
 
@@ -97,9 +99,10 @@ def run(args) -> dict:
   outputs['all-background'] = (np.zeros_like(masks), np.zeros(masks.shape, np.int32))
 
   scores = {}
+  scale_text = settings.logit_scale or "each model's own"
   print(f'{len(images)} held-out test canvases ({canvas}x{canvas}, {base.num_digits[0]}-{base.num_digits[1]} '
         f'digits), {segmentation.NUM_CLASSES} classes (background + 10 digits); top_k={settings.top_k}, '
-        f'bg_thresh={settings.bg_thresh}, logit_scale={settings.logit_scale}')
+        f'bg_thresh={settings.bg_thresh}, logit_scale={scale_text}')
   print(f'{"method":<24}{"mIoU":>8}{"background":>12}{"digits":>8}')
   for name, (pred, _) in outputs.items():
     per_class = segmentation.iou(segmentation.confusion(masks, pred))

@@ -6,7 +6,8 @@ GroupViT (NVlabs' GroupViTSegInference, on a batch):
      groups -> ... -> final segments): a [patches, G] map, upsampled bilinearly
      (half-pixel centres, as torch's align_corners=False) to the output size;
      each pixel goes to its argmax segment;
-  2. each segment is labelled by its text similarity: with s the logit scale,
+  2. each segment is labelled by its text similarity: with s the model's own
+     logit scale (capped at 100; NVlabs' clamp(logit_scale.exp(), max=100)),
      p = softmax(s * segment @ classes), restricted to the image's `top_k`
      classes by softmax(s * image @ classes) (a second softmax over only
      those, times p: NVlabs' `group_affinity_mat *= pre_group_affinity_mat`);
@@ -32,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from ml_collections import config_dict
 import numpy as np
 
 from clip_jax.data import augment
@@ -50,9 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
       seed=4321,
       top_k=5,                 # image-level classes a segment may take (NVlabs: 5)
       bg_thresh=0.95,          # NVlabs' default
-      # NVlabs multiplies by the model's capped scale, which is 100 for a trained model; a short run's
-      # learned scale is lower, and the threshold above assumes 100 (SYSTEMS.md: softmax(100 * g @ t)).
-      logit_scale=100.0,
+      # None: the model's own learned scale, capped at 100, as NVlabs (100 for their trained models, lower
+      # for a short run, which flattens the class probabilities the threshold reads); a number overrides.
+      logit_scale=config_dict.placeholder(float),
       batch_size=64,
   ))
 
@@ -61,7 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
 class Settings:
   top_k: int = 5
   bg_thresh: float = 0.95
-  logit_scale: float = 100.0
+  logit_scale: Optional[float] = None  # None: the model's own
   batch_size: int = 64
 
   def __post_init__(self):
@@ -69,8 +71,8 @@ class Settings:
       raise ValueError(f'segmentation top_k={self.top_k!r} must be an int >= 1 (classes kept per image)')
     if not 0.0 <= self.bg_thresh <= 1.0:
       raise ValueError(f'segmentation bg_thresh={self.bg_thresh} must be in [0, 1] (a class probability)')
-    if not self.logit_scale > 0:
-      raise ValueError(f'segmentation logit_scale={self.logit_scale} must be positive')
+    if self.logit_scale is not None and not self.logit_scale > 0:
+      raise ValueError(f'segmentation logit_scale={self.logit_scale} must be positive (or None: the model\'s own)')
     if self.batch_size < 1:
       raise ValueError(f'segmentation batch_size={self.batch_size} must be >= 1')
 
@@ -87,7 +89,7 @@ def method_name(model_config) -> str:
 
 
 def _groupvit_dense(module, images):
-  """Chained soft maps [B, h, w, G], segment features [B, G, D], image features [B, D]."""
+  """Chained soft maps [B, h, w, G], segment features [B, G, D], image features [B, D], the logit scale."""
   image, aux = module.encode_image(images, normalize=True, return_attentions=True)
   maps = None
   for soft in aux['soft']:  # [B, G_i, L_i] -> chain over the stages: [B, L_0, G_last]
@@ -95,11 +97,12 @@ def _groupvit_dense(module, images):
     maps = step if maps is None else maps @ step
   b, n, g = maps.shape
   side = int(round(n ** 0.5))
-  return dict(maps=maps.reshape(b, side, side, g), segments=aux['group_features'], image=image)
+  return dict(maps=maps.reshape(b, side, side, g), segments=aux['group_features'], image=image,
+              scale=module.scale())
 
 
 def _clip_dense(module, images):
-  """Every patch a segment: one-hot maps [B, h, w, h*w], projected patch tokens, the pooled embedding."""
+  """Every patch a segment: one-hot maps [B, h, w, h*w], projected patch tokens, the pooled embedding, the scale."""
   pooled, tokens = module.vision(images, return_tokens=True)
   proj = nn.unbox(module.vision.variables['params']['proj'])
   patches = tokens[:, 1:].astype(jnp.float32) @ jnp.asarray(proj, jnp.float32)
@@ -107,7 +110,8 @@ def _clip_dense(module, images):
   side = int(round(n ** 0.5))
   maps = jnp.broadcast_to(jnp.eye(n, dtype=jnp.float32).reshape(1, side, side, n), (b, side, side, n))
   normalize = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return dict(maps=maps, segments=normalize(patches), image=normalize(pooled.astype(jnp.float32)))
+  return dict(maps=maps, segments=normalize(patches), image=normalize(pooled.astype(jnp.float32)),
+              scale=module.scale_and_bias()[0])
 
 
 _DENSE = {'groupvit': _groupvit_dense, 'clip-patch': _clip_dense}
@@ -170,7 +174,7 @@ def segment(model, variables, method: str, images: np.ndarray, classes: np.ndarr
     out = dense(variables, embed.place(chunk, mesh))
     seg, group = label_pixels(out['maps'], out['segments'], out['image'], jnp.asarray(classes),
                               out_size=images.shape[1], top_k=settings.top_k, bg_thresh=settings.bg_thresh,
-                              logit_scale=settings.logit_scale)
+                              logit_scale=out['scale'] if settings.logit_scale is None else settings.logit_scale)
     preds.append(np.asarray(seg)[:n].astype(np.uint8))
     groups.append(np.asarray(group)[:n])
   return np.concatenate(preds), np.concatenate(groups)

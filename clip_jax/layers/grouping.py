@@ -96,12 +96,15 @@ class AssignAttention(nn.Module):
 
   logits [B, G, L] = q(groups) k(tokens)^T / sqrt(C); softmax over the
   *group* axis, so each image token picks one group; training adds Gumbel
-  noise (the 'gumbel' RNG stream) before the argmax. Each group then averages
-  its tokens' values: A / (sum_L A + assign_eps) @ v -> proj.
+  noise (the 'gumbel' RNG stream) before the argmax unless `gumbel` is False
+  (NVlabs' AssignAttention option; then training takes the noise-free argmax,
+  still with the softmax's straight-through gradient). Each group then
+  averages its tokens' values: A / (sum_L A + assign_eps) @ v -> proj.
 
   Returns (out [B, G, C], soft [B, G, L] (noise-free softmax), hard [B, G, L]).
   """
   assign_eps: float = 1.0
+  gumbel: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -114,7 +117,7 @@ class AssignAttention(nn.Module):
     v = _dense(width, ('embed', 'kv'), 'v', kw)(tokens)
     logits = jnp.einsum('bgc,blc->bgl', q, k).astype(jnp.float32) * width ** -0.5
     noise = None
-    if train:
+    if train and self.gumbel:
       if not self.has_rng('gumbel'):
         raise ValueError("GroupViT in training mode samples Gumbel noise: pass rngs={'gumbel': key} to apply")
       noise = jax.random.gumbel(self.make_rng('gumbel'), logits.shape, logits.dtype)
@@ -141,6 +144,7 @@ class GroupingBlock(nn.Module):
   channel_mlp_dim: int  # the closing channel MLP, assign_mlp_ratio[1] * width
   act: str = 'gelu'
   assign_eps: float = 1.0
+  gumbel: bool = True
   ln_eps: float = 1e-5
   attn_implementation: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
@@ -160,7 +164,7 @@ class GroupingBlock(nn.Module):
                                      **kw)(groups, tokens)
     groups = groups + Mlp(self.mlp_dim, act=self.act, name='cross_mlp', **kw)(ln('cross_ln')(groups))
     groups = ln('cross_ln_post')(groups)
-    out, soft, hard = AssignAttention(self.assign_eps, name='assign', **kw)(groups, tokens, train=train)
+    out, soft, hard = AssignAttention(self.assign_eps, self.gumbel, name='assign', **kw)(groups, tokens, train=train)
     out = out + groups
     out = out + Mlp(self.channel_mlp_dim, act=self.act, name='mlp_channels', **kw)(ln('norm_new_x')(out))
     return _tokens(out), soft, hard

@@ -44,6 +44,7 @@ class GroupingStage(nn.Module):
   channel_mlp_dim: int
   act: str = 'gelu'
   assign_eps: float = 1.0
+  gumbel: bool = True
   ln_eps: float = 1e-5
   attn_implementation: Optional[str] = None
   dtype: jnp.dtype = jnp.float32
@@ -67,8 +68,8 @@ class GroupingStage(nn.Module):
     x, group = x[:, :-self.num_group_tokens], x[:, -self.num_group_tokens:]
     segments, soft, hard = GroupingBlock(
         self.num_output_groups, self.num_heads, self.mlp_dim, self.token_mlp_dim, self.channel_mlp_dim,
-        act=self.act, assign_eps=self.assign_eps, ln_eps=self.ln_eps, attn_implementation=self.attn_implementation,
-        name='grouping', **kw)(x, group, train=train)
+        act=self.act, assign_eps=self.assign_eps, gumbel=self.gumbel, ln_eps=self.ln_eps,
+        attn_implementation=self.attn_implementation, name='grouping', **kw)(x, group, train=train)
     return segments, group, soft, hard
 
 
@@ -90,6 +91,7 @@ class GroupViTVision(nn.Module):
   num_output_groups: Sequence[int]
   assign_mlp_ratio: Sequence[float] = (0.5, 4.0)
   assign_eps: float = 1.0
+  gumbel: bool = True
   act: str = 'gelu'
   ln_eps: float = 1e-5
   attn_implementation: Optional[str] = None
@@ -117,7 +119,8 @@ class GroupViTVision(nn.Module):
       x, group, soft, hard = GroupingStage(
           depth, self.num_group_tokens[i], self.num_output_groups[i],
           bool(i and self.num_group_tokens[i] and self.num_output_groups[i - 1]), self.num_heads, self.mlp_dim,
-          token_mlp_dim, channel_mlp_dim, act=self.act, assign_eps=self.assign_eps, ln_eps=self.ln_eps,
+          token_mlp_dim, channel_mlp_dim, act=self.act, assign_eps=self.assign_eps, gumbel=self.gumbel,
+          ln_eps=self.ln_eps,
           attn_implementation=self.attn_implementation, name=f'stages_{i}', **kw)(x, group, train=train)
       if soft is not None:
         soft_maps.append(soft)

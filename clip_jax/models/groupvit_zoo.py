@@ -10,7 +10,9 @@ A GroupViT model config is an `ml_collections.ConfigDict`:
   dtype, param_dtype, attn_implementation   as CLIP's (see clip_jax.models.zoo)
   vision   image_size, patch_size, width, heads, mlp_dim, act ('gelu'),
            depths, num_group_tokens, num_output_groups (one entry per stage),
-           assign_eps, assign_mlp_ratio (token-mixer and channel-MLP widths / width)
+           assign_eps, assign_mlp_ratio (token-mixer and channel-MLP widths / width),
+           gumbel (True: training samples Gumbel noise before the hard assignment, as
+           NVlabs and HF; False: the noise-free argmax, a training choice only)
   text     context_length, vocab_size, width, layers, heads, mlp_dim, act ('quick_gelu'),
            eot_token_id (None: the largest id ends the text)
 
@@ -33,11 +35,12 @@ from clip_jax.models.groupvit import GroupViT, GroupViTText, GroupViTVision, Pro
 def groupvit_vision(image_size: int, patch_size: int, width: int, heads: int, depths: Sequence[int],
                     num_group_tokens: Sequence[int], num_output_groups: Sequence[int],
                     mlp_dim: Optional[int] = None, assign_eps: float = 1.0,
-                    assign_mlp_ratio: Sequence[float] = (0.5, 4.0), act: str = 'gelu') -> dict:
+                    assign_mlp_ratio: Sequence[float] = (0.5, 4.0), act: str = 'gelu',
+                    gumbel: bool = True) -> dict:
   return dict(image_size=image_size, patch_size=patch_size, width=width, heads=heads, mlp_dim=mlp_dim or 4 * width,
               act=act, depths=tuple(depths), num_group_tokens=tuple(num_group_tokens),
               num_output_groups=tuple(num_output_groups), assign_eps=float(assign_eps),
-              assign_mlp_ratio=tuple(float(r) for r in assign_mlp_ratio))
+              assign_mlp_ratio=tuple(float(r) for r in assign_mlp_ratio), gumbel=bool(gumbel))
 
 
 def groupvit_text(width: int, layers: int, heads: int, mlp_dim: Optional[int] = None, act: str = 'quick_gelu',
@@ -122,7 +125,8 @@ def build(config: ml_collections.ConfigDict) -> GroupViT:
   vision = GroupViTVision(image_size=v.image_size, patch_size=v.patch_size, width=v.width, num_heads=v.heads,
                           mlp_dim=v.mlp_dim, depths=tuple(v.depths), num_group_tokens=tuple(v.num_group_tokens),
                           num_output_groups=tuple(v.num_output_groups), assign_mlp_ratio=tuple(v.assign_mlp_ratio),
-                          assign_eps=v.assign_eps, act=v.act, attn_implementation=attn, **kw)
+                          assign_eps=v.assign_eps, gumbel=bool(v.get('gumbel', True)), act=v.act,
+                          attn_implementation=attn, **kw)
   text = GroupViTText(context_length=t.context_length, vocab_size=t.vocab_size, width=t.width, layers=t.layers,
                       num_heads=t.heads, mlp_dim=t.mlp_dim, act=t.act, eot_token_id=t.get('eot_token_id'),
                       attn_implementation=attn, **kw)

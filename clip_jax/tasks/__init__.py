@@ -4,7 +4,7 @@ import ml_collections
 
 from clip_jax.tasks.base import Objective, Task
 from clip_jax.tasks.contrastive import ContrastiveTask, clip_forward
-from clip_jax.tasks.multilabel import MultiLabelTask, clip_prompts_forward, groupvit_forward
+from clip_jax.tasks.multilabel import GroupBalanceTask, MultiLabelTask, clip_prompts_forward, groupvit_forward
 from clip_jax.tasks import detection, distill, segmentation
 
 # model.name -> (how a batch is fed to that model, the batch fields it reads). Tasks may read more
@@ -28,8 +28,15 @@ def _multi_label(options):
   return MultiLabelTask()
 
 
+def _group_balance(options):
+  unknown = sorted(set(options) - {'weight'})
+  if unknown:
+    raise ValueError(f'config.tasks.group_balance: unknown options {unknown}; it takes only `weight`')
+  return GroupBalanceTask()
+
+
 # config.tasks.<name> -> Task. Options other than `weight` are the task's own.
-TASKS = {'contrastive': _contrastive, 'multi_label': _multi_label}
+TASKS = {'contrastive': _contrastive, 'multi_label': _multi_label, 'group_balance': _group_balance}
 # The same, for tasks that read the run config too (config.classes, config.model): (config, options) -> Task.
 CONFIG_TASKS = {'pixel_ce': segmentation.pixel_ce, 'rpn': detection.rpn, 'box_regression': detection.box_regression,
                 'vild_text': detection.vild_text, 'vild_image': distill.vild_image,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from clip_jax.data import prompts as prompts_lib
 from clip_jax.data import transforms
-from clip_jax.losses import multilabel
+from clip_jax.losses import grouping, multilabel
 from clip_jax.tasks.base import Task, mutable_collections
 
 
@@ -31,7 +31,14 @@ def _captions_and_prompts(tokens, prompt_tokens):
 
 
 def _groupvit_outputs(module, images, tokens, prompt_tokens, train):
-  out = dict(image_features=module.encode_image(images, train=train, normalize=True), logit_scale=module.scale())
+  image, aux = module.encode_image(images, train=train, normalize=True, return_attentions=True)
+  # config.tasks.group_balance's loss, and the share of the tokens in the largest group (a collapse
+  # shows as 1), each averaged over the grouping stages.
+  maps = list(zip(aux['soft'], aux['hard']))
+  mean = lambda xs: sum(xs) / len(xs) if xs else jnp.zeros((), jnp.float32)
+  out = dict(image_features=image, logit_scale=module.scale(),
+             group_balance=mean([grouping.load_balance(soft, hard) for soft, hard in maps]),
+             largest_group=mean([grouping.largest_group_share(hard) for _, hard in maps]))
   if prompt_tokens is None:
     out['text_features'] = module.encode_text(tokens, train=train, normalize=True)
     return out
@@ -104,7 +111,10 @@ class MultiLabelTask(Task):
     scale = outputs.get('multi_label_logit_scale', outputs['logit_scale'])
     loss = multilabel.multi_label_loss(outputs['image_features'], outputs['prompt_features'],
                                        batch['prompt_valid'], scale)
-    return loss, {'logit_scale': scale, 'prompts_per_image': batch['prompt_valid'].sum(axis=1).mean()}
+    metrics = {'logit_scale': scale, 'prompts_per_image': batch['prompt_valid'].sum(axis=1).mean()}
+    if 'largest_group' in outputs:  # GroupViT: 1 when one group takes every token (a collapsed grouping)
+      metrics['largest_group'] = outputs['largest_group']
+    return loss, metrics
 
   def evaluate(self, model, variables, config):
     seg = config.eval.get('segmentation')
@@ -112,3 +122,24 @@ class MultiLabelTask(Task):
       return {}
     from clip_jax.evaluate import segmentation  # pylint: disable=g-import-not-at-top
     return segmentation.evaluate(model, variables, config)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupBalanceTask(Task):
+  """`config.tasks.group_balance`: keeps GroupViT's grouping stages from putting every token in one group.
+
+  The loss is clip_jax.losses.grouping.load_balance averaged over the grouping stages (1 when the
+  tokens spread evenly over the groups, G when one group takes them all). A training aid, not part
+  of NVlabs' objective; it reads no labels.
+  """
+  name: str = 'group_balance'
+
+  def check(self, config):
+    if config.model.name != 'groupvit':
+      raise ValueError(f'config.tasks.group_balance balances GroupViT\'s grouping stages; model.name='
+                       f'{config.model.name!r} has none: remove the task or use a GroupViT model')
+    if not any(config.model.vision.num_group_tokens):
+      raise ValueError('config.tasks.group_balance: model.vision.num_group_tokens has no grouping stage')
+
+  def loss(self, outputs, batch):
+    return outputs['group_balance'], {}
