@@ -123,27 +123,14 @@ def report(r: dict) -> None:
     print(f'  {x["share"]:6.1%} {x["seconds"] * 1e3:9.1f} ms  {x["op"]:28s} {x["shape"]:28s} {x["source"][-80:]}')
 
 
-def main(args) -> None:
-  result = run(args)
-  report(result)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=2)
-    print(f'wrote {args.json}')
-
-
 def add_parser(subparsers) -> None:
   from clip_jax.bench import train as train_bench  # pylint: disable=g-import-not-at-top
   parser = subparsers.add_parser('profile', help="the train step's time by XLA operation (a profiler trace)")
   parser.add_argument('--config', default='configs/clip_digits.py', help='configs/X.py[:arg]')
-  parser.add_argument('--model', default=None, help='a zoo model (e.g. ViT-B/32)')
-  parser.add_argument('--batch_size', type=int, default=None, help='global batch')
-  parser.add_argument('--image_size', type=int, default=None, help='image side')
-  parser.add_argument('--dtype', default=None, help='compute dtype')
-  train_bench.add_layer_flags(parser)
+  train_bench.add_step_flags(parser)
   parser.add_argument('--steps', type=int, default=2, help='traced steps')
   parser.add_argument('--warmup', type=int, default=1, help='untraced steps after compilation')
   parser.add_argument('--top', type=int, default=15, help='longest operations listed')
   parser.add_argument('--trace_dir', default=None, help='where the trace goes (default: a new temporary directory)')
   parser.add_argument('--json', default=None, help='also write the results here')
-  parser.set_defaults(func=main)
+  parser.set_defaults(func=train_bench.cli_main(run, report))

@@ -65,9 +65,14 @@ def step_config(config, model=None, batch_size=None, image_size=None, dtype=None
   return c
 
 
-def add_layer_flags(parser) -> None:
-  """--scan_layers and --remat: how the step runs the transformer blocks (the same model and FLOPs)."""
+def add_step_flags(parser) -> None:
+  """The step's overrides of the config: --model, --batch_size, --image_size, --dtype, and --scan_layers and
+  --remat (how the step runs the transformer blocks: the same model and FLOPs)."""
   from clip_jax.layers import remat as remat_lib  # pylint: disable=g-import-not-at-top
+  parser.add_argument('--model', default=None, help='a zoo model for the step sections (e.g. ViT-B/32)')
+  parser.add_argument('--batch_size', type=int, default=None, help='step sections: global batch')
+  parser.add_argument('--image_size', type=int, default=None, help='step sections: image side')
+  parser.add_argument('--dtype', default=None, help="step sections: compute dtype ('bfloat16' on GPU/TPU)")
   parser.add_argument('--scan_layers', default='on', choices=('on', 'off', 'config'),
                       help="step sections: transformer blocks under nn.scan ('on'), in a Python loop ('off') or as "
                       "the config says. On XLA:CPU the loop's backward fuses into per-layer transposing copies "
@@ -235,24 +240,23 @@ def report(r: dict) -> None:
             f'ratio {t["ratio_ours_over_theirs"]:.2f}x')
 
 
-def main(args) -> None:
-  result = run(args)
-  report(result)
-  if args.json:
-    with open(args.json, 'w') as f:
-      json.dump(result, f, indent=2)
-    print(f'wrote {args.json}')
+def cli_main(run_fn, report_fn):
+  """A benchmark's `main(args)`: run it, print the report, and write the results to --json if given."""
+  def main(args) -> None:
+    result = run_fn(args)
+    report_fn(result)
+    if args.json:
+      with open(args.json, 'w') as f:
+        json.dump(result, f, indent=2)
+      print(f'wrote {args.json}')
+  return main
 
 
 def add_parser(subparsers) -> None:
   parser = subparsers.add_parser('train', help='train-step throughput, MFU, open_clip, input pipelines, tokenizer')
   parser.add_argument('--config', default='configs/clip_digits.py', help='configs/X.py[:arg]; the pipeline section '
                       'measures this config as given (the main job)')
-  parser.add_argument('--model', default=None, help='a zoo model for the step sections (e.g. ViT-B/32)')
-  parser.add_argument('--batch_size', type=int, default=None, help='step sections: global batch')
-  parser.add_argument('--image_size', type=int, default=None, help='step sections: image side')
-  parser.add_argument('--dtype', default=None, help="step sections: compute dtype ('bfloat16' on GPU/TPU)")
-  add_layer_flags(parser)
+  add_step_flags(parser)
   parser.add_argument('--sections', default=','.join(SECTIONS), type=_sections_arg,
                       help=f'comma-separated subset of {",".join(SECTIONS)}')
   parser.add_argument('--steps', type=int, default=1, help='timed steps per round')
@@ -263,7 +267,7 @@ def add_parser(subparsers) -> None:
   parser.add_argument('--pipeline_records', type=int, default=2048, help='digits records per reader')
   parser.add_argument('--tokenizer_n', type=int, default=5000, help='tokenizer corpus size')
   parser.add_argument('--json', default=None, help='also write the results here')
-  parser.set_defaults(func=main)
+  parser.set_defaults(func=cli_main(run, report))
 
 
 def _sections_arg(text: str) -> str:
