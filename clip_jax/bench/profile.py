@@ -14,8 +14,9 @@ timed steps. It prints:
 
 Times are per step, summed over the XLA threads that ran the operations, so
 shares are what the step spends, not wall time; a loop's or conditional's
-own span is left out (it contains its body's operations, counted already). The trace directory stays
-(`--trace_dir`) for TensorBoard's or Perfetto's viewer.
+own span is left out (it contains its body's operations, counted already).
+The trace directory stays (`--trace_dir`) for TensorBoard's or Perfetto's
+viewer.
 """
 
 import collections

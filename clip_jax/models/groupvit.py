@@ -120,8 +120,8 @@ class GroupViTVision(nn.Module):
           depth, self.num_group_tokens[i], self.num_output_groups[i],
           bool(i and self.num_group_tokens[i] and self.num_output_groups[i - 1]), self.num_heads, self.mlp_dim,
           token_mlp_dim, channel_mlp_dim, act=self.act, assign_eps=self.assign_eps, gumbel=self.gumbel,
-          ln_eps=self.ln_eps,
-          attn_implementation=self.attn_implementation, name=f'stages_{i}', **kw)(x, group, train=train)
+          ln_eps=self.ln_eps, attn_implementation=self.attn_implementation, name=f'stages_{i}',
+          **kw)(x, group, train=train)
       if soft is not None:
         soft_maps.append(soft)
         hard_maps.append(hard)

@@ -20,19 +20,18 @@ def _contrastive(options):
   return ContrastiveTask(loss_type=options.get('loss', 'softmax'), chunked=options.get('chunked', False))
 
 
-def _multi_label(options):
-  unknown = sorted(set(options) - {'weight'})
-  if unknown:
-    raise ValueError(f'config.tasks.multi_label: unknown options {unknown}; it takes only `weight` (the prompts '
-                     'are configured in config.data.prompts)')
-  return MultiLabelTask()
+def _weight_only(name, task, hint=''):
+  """The builder of a task whose only option is its weight; other options are named in the error."""
+  def build(options):
+    unknown = sorted(set(options) - {'weight'})
+    if unknown:
+      raise ValueError(f'config.tasks.{name}: unknown options {unknown}; it takes only `weight`{hint}')
+    return task()
+  return build
 
 
-def _group_balance(options):
-  unknown = sorted(set(options) - {'weight'})
-  if unknown:
-    raise ValueError(f'config.tasks.group_balance: unknown options {unknown}; it takes only `weight`')
-  return GroupBalanceTask()
+_multi_label = _weight_only('multi_label', MultiLabelTask, ' (the prompts are configured in config.data.prompts)')
+_group_balance = _weight_only('group_balance', GroupBalanceTask)
 
 
 # config.tasks.<name> -> Task. Options other than `weight` are the task's own.
